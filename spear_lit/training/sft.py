@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from spear_lit.algos import logprobs_from_logits
+
 from spear_lit.training.module import PolicyModule
 
 
@@ -17,11 +19,18 @@ class SFTLearner(PolicyModule):
         policy: a :class:`spear_lit.policy.PolicySource`.
         optimizer: ``params -> Optimizer``.
         warmup_steps, total_steps: linear warm-up then cosine decay to ``min_lr_ratio`` of the peak.
+        prompt_loss_weight: weight of the next-token loss on prompt tokens relative to response tokens
+            (0: responses only). A small weight (``train_on_inputs`` in other trainers) gives a randomly
+            initialised tiny policy far more signal to learn to copy from its context (ids, object names)
+            than the few response tokens of a step do; the loss is the weighted mean over both.
     """
 
     def __init__(self, policy, optimizer: Callable, *, warmup_steps: int = 50, total_steps: int = 1500,
-                 min_lr_ratio: float = 0.1, grad_clip: float = 1.0):
+                 min_lr_ratio: float = 0.1, grad_clip: float = 1.0, prompt_loss_weight: float = 0.0):
         super().__init__(policy, optimizer, grad_clip=grad_clip)
+        if not 0.0 <= prompt_loss_weight:
+            raise ValueError(f"prompt_loss_weight={prompt_loss_weight}: must be >= 0")
+        self.prompt_loss_weight = prompt_loss_weight
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
 
     def configure_optimizers(self):
@@ -38,11 +47,26 @@ class SFTLearner(PolicyModule):
 
     def training_step(self, batch, batch_idx):
         b = batch.cropped()
-        logp, _ = self.token_stats(b, entropy=False)
-        m = b.response_mask
-        loss = -(logp * m).sum() / m.sum().clamp(min=1)
+        if self.prompt_loss_weight > 0:
+            loss = self._weighted_loss(b)
+        else:
+            logp, _ = self.token_stats(b, entropy=False)
+            m = b.response_mask
+            loss = -(logp * m).sum() / m.sum().clamp(min=1)
         self.log("sft/loss", loss, prog_bar=True, batch_size=len(b))
         return loss
+
+    def _weighted_loss(self, b) -> torch.Tensor:
+        """Weighted mean next-token loss: prompt tokens ``prompt_loss_weight``, response tokens their mask."""
+        pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                            use_cache=False).logits[:, :-1].float()
+        logp = logprobs_from_logits(logits, b.input_ids[:, 1:])  # column j predicts token j + 1
+        P = b.prompt_width
+        real = b.attention_mask.float()
+        w = real[:, 1:] * real[:, :-1] * self.prompt_loss_weight  # prompt targets after a real token
+        w[:, P - 1:] = b.response_mask  # response targets: the loss mask
+        return -(logp * w).sum() / w.sum().clamp(min=1e-8)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")

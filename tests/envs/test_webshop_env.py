@@ -216,3 +216,18 @@ def test_is_a_text_env_and_hydra_instantiable():
     env.close()
     with pytest.raises(RuntimeError):
         env.step("search[x]")
+
+
+def test_asin_prefix_changes_only_the_ids(shop):
+    short = get_shop(300, 0, "")
+    assert [p.asin for p in short.products] == [p.asin[2:] for p in shop.products]
+    assert [(p.title, p.price, p.options) for p in short.products] == [
+        (p.title, p.price, p.options) for p in shop.products]
+    assert [g.instruction for g in short.goals] == [g.instruction for g in shop.goals]
+    a, b = WebShopEnv(split="val", asin_prefix=""), WebShopEnv(split="val")
+    a.reset(3), b.reset(3)
+    assert [x.replace("click[b0", "click[") for x in b.oracle_actions()] == a.oracle_actions()
+    results = a.step(a.oracle_actions()[0])
+    assert all(not c.startswith("click[b0") for c in results.admissible_actions[2:])
+    with pytest.raises(ValueError, match="asin_prefix"):
+        WebShopEnv(asin_prefix="b0 ")

@@ -24,6 +24,7 @@ class WebShopEnv:
         reward_scale: multiplies the [0, 1] score at ``buy now`` (10 in the agent experiments).
         split: ``"train"`` or ``"val"``.
         val_goals: number of goals held out for validation.
+        asin_prefix: the start of every product id (``B0`` as on Amazon; see :class:`Shop`).
     """
 
     def __init__(
@@ -35,10 +36,11 @@ class WebShopEnv:
         reward_scale: float = 10.0,
         split: str = "train",
         val_goals: int = 500,
+        asin_prefix: str = "B0",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.shop = get_shop(num_products, seed)
+        self.shop = get_shop(num_products, seed, asin_prefix)
         if not 0 < val_goals < len(self.shop.goals):
             raise ValueError(f"val_goals must be in (0, {len(self.shop.goals)}), got {val_goals}")
         self.goals = self.shop.goals[:val_goals] if split == "val" else self.shop.goals[val_goals:]
