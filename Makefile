@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents
 
-.PHONY: setup sandbox train test test-all bench tiny-checkpoint lint clean
+.PHONY: setup sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint lint clean
 
 setup: $(STAMP) sandbox
 
@@ -41,6 +41,16 @@ tiny-checkpoint: setup
 	$(BIN)/python train.py +experiment=sft_tiny run_dir=runs/sft_tiny
 	rm -rf spear_lit/assets/tiny-math-sft && mkdir -p spear_lit/assets
 	cp -r runs/sft_tiny/policy_hf spear_lit/assets/tiny-math-sft
+
+# builtin:tiny-webshop-sft (~40 min on 2 cores): Amazon-style ids first, then the tiny shop's ids
+tiny-agent-checkpoint: setup
+	$(BIN)/python train.py +experiment=webshop_tiny_sft run_dir=runs/webshop_sft_a \
+	  data.agent.env.asin_prefix=B0 trainer.max_steps=450 learner.total_steps=900
+	$(BIN)/python train.py +experiment=webshop_tiny_sft run_dir=runs/webshop_sft_b \
+	  model.path=runs/webshop_sft_a/policy_hf trainer.max_steps=500 learner.optimizer.lr=5e-4 \
+	  learner.warmup_steps=20 data.seed=1
+	rm -rf spear_lit/assets/tiny-webshop-sft && mkdir -p spear_lit/assets
+	cp -r runs/webshop_sft_b/policy_hf spear_lit/assets/tiny-webshop-sft
 
 lint: setup
 	$(BIN)/ruff check .
