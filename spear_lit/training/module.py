@@ -66,14 +66,17 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer_factory(self.model.parameters())
 
-    def token_stats(self, b: TokenBatch, model=None, entropy: bool = True):
-        """Per-token ``logp [n, T]`` and entropy ``[n, T]`` of the response tokens of ``b``."""
+    def forward_logits(self, b: TokenBatch, model=None) -> torch.Tensor:
+        """Logits ``[n, P+T, V]`` of every position of ``b`` (``model``: the policy unless given)."""
         model = model or self.model
         pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() derives them from the mask
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
-                       use_cache=False).logits
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
+                     use_cache=False).logits
+
+    def token_stats(self, b: TokenBatch, model=None, entropy: bool = True):
+        """Per-token ``logp [n, T]`` and entropy ``[n, T]`` of the response tokens of ``b``."""
         P = b.prompt_width
-        logits = logits[:, P - 1:-1].float() / self.temperature  # position P-1+j predicts response token j
+        logits = self.forward_logits(b, model)[:, P - 1:-1].float() / self.temperature  # P-1+j predicts token j
         logp = logprobs_from_logits(logits, b.input_ids[:, P:])
         ent = entropy_from_logits(logits) if entropy else None
         return logp, ent

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import torch
 
 from spear_lit.algos import logprobs_from_logits
-
 from spear_lit.training.module import PolicyModule
 
 
@@ -47,26 +46,13 @@ class SFTLearner(PolicyModule):
 
     def training_step(self, batch, batch_idx):
         b = batch.cropped()
-        if self.prompt_loss_weight > 0:
-            loss = self._weighted_loss(b)
-        else:
-            logp, _ = self.token_stats(b, entropy=False)
-            m = b.response_mask
-            loss = -(logp * m).sum() / m.sum().clamp(min=1)
-        self.log("sft/loss", loss, prog_bar=True, batch_size=len(b))
-        return loss
-
-    def _weighted_loss(self, b) -> torch.Tensor:
-        """Weighted mean next-token loss: prompt tokens ``prompt_loss_weight``, response tokens their mask."""
-        pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
-                            use_cache=False).logits[:, :-1].float()
-        logp = logprobs_from_logits(logits, b.input_ids[:, 1:])  # column j predicts token j + 1
-        P = b.prompt_width
+        logp = logprobs_from_logits(self.forward_logits(b)[:, :-1].float(), b.input_ids[:, 1:])  # j predicts j+1
         real = b.attention_mask.float()
         w = real[:, 1:] * real[:, :-1] * self.prompt_loss_weight  # prompt targets after a real token
-        w[:, P - 1:] = b.response_mask  # response targets: the loss mask
-        return -(logp * w).sum() / w.sum().clamp(min=1e-8)
+        w[:, b.prompt_width - 1:] = b.response_mask  # response targets: the loss mask
+        loss = -(logp * w).sum() / w.sum().clamp(min=1e-8)  # weighted mean (w = 0: over the response mask)
+        self.log("sft/loss", loss, prog_bar=True, batch_size=len(b))
+        return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
