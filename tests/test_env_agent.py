@@ -113,6 +113,25 @@ def test_parse_and_match():
     assert match_admissible("anything", []) == "anything"
 
 
+def test_numbered_actions_accept_the_number_and_send_the_listed_text():
+    p = WebShopPrompt(compact=True, numbered=True)
+    adm = ["search[<query>]", "click[back to search]", "click[ab12cd34]"]
+    assert "\nActions: 1: search[<query>] | 2: click[back to search] | 3: click[ab12cd34]\n" in p("t", [], "o", adm,
+                                                                                                    step=0)
+    assert p.command("3", adm) == "click[ab12cd34]" and p.command(" 2 ", adm) == "click[back to search]"
+    assert p.command("1", adm) is None  # a placeholder action has to be written out
+    assert p.command("0", adm) is None and p.command("4", adm) is None and p.command("3rd", adm) is None
+    assert p.command("Click[AB12CD34]", adm) == "click[ab12cd34]"  # written-out actions still work
+    assert p.command("search[red shoes]", adm) == "search[red shoes]"
+    assert p.response("click[AB12CD34]", adm) == "<think></think><action>3</action>"
+    assert p.response("search[red shoes]", adm) == "<think></think><action>search[red shoes]</action>"
+    alf = AlfWorldPrompt(compact=True, numbered=True)  # numbers count the listed actions ("help" is not)
+    assert alf.command("2", ["help", "look", "go to desk 1"]) == "go to desk 1"
+    assert "(or its number)" in AlfWorldPrompt(numbered=True)("t", [], "o", ["look"], step=0)
+    plain = WebShopPrompt(compact=True)
+    assert plain.command("3", adm) is None and plain.response("click[ab12cd34]", adm).endswith(">click[ab12cd34]</action>")
+
+
 def test_invalid_actions_leave_the_state_and_are_penalised_with_hand_worked_returns():
     env = LineEnv("A")
     engine = scripted({"A": [act("right"), "no tags at all", act("jump"), act("RIGHT")]})
@@ -177,10 +196,15 @@ def test_reset_failure_and_sync_keep_generating_for_the_other_ranks():
 # ----------------------------------------------------------------------------------- WebShop, EnvAgent
 
 
+def make_webshop_agent(**prompt_kw):
+    return EnvAgent(functools.partial(WebShopEnv, num_products=200, val_goals=50),
+                    WebShopPrompt(compact=True, history_len=2, **prompt_kw), name="webshop", max_steps=6,
+                    eval_envs=4)
+
+
 @pytest.fixture(scope="module")
 def webshop_agent():
-    agent = EnvAgent(functools.partial(WebShopEnv, num_products=200, val_goals=50),
-                     WebShopPrompt(compact=True, history_len=2), name="webshop", max_steps=6, eval_envs=4)
+    agent = make_webshop_agent()
     yield agent
     agent.close()
 
@@ -225,6 +249,22 @@ def test_expert_samples_replayed_through_the_same_prompts_win(webshop_agent):
     assert len(samples) == 2 * len(rows)
     assert all(s.success and s.info["valid"] and s.score == pytest.approx(10.0) for s in samples)
     assert all(s.num_tool_calls == s.turns for s in samples)
+
+
+def test_numbered_expert_answers_clicks_by_number_and_wins():
+    agent = make_webshop_agent(numbered=True)
+    try:
+        rows, answer = expert_answers(agent, 4, seed=11)
+        replies = [TOK.decode(r["response_ids"], skip_special_tokens=True) for r in rows]
+        assert replies[0].startswith("<think></think><action>search[")
+        assert all(re.fullmatch(r"<think></think><action>\d+</action>", r) for r in replies[1:] if "search[" not in r)
+        assert "Past: search[" in TOK.decode(rows[1]["prompt_ids"])  # the history shows the text, not a number
+        samples = agent.collect(ScriptedEngine(lambda text: answer[text]), TOK, t=1, seed=11, num_groups=4,
+                                group_size=1, max_response_len=400, temperature=1.0, top_p=1.0)
+        assert len(samples) == len(rows) and all(s.success and s.info["valid"] for s in samples)
+        assert re.search(r"Past: .*click\[\w+\]", TOK.decode(samples[2].prompt_ids))
+    finally:
+        agent.close()
 
 
 def test_gigpo_anchors_equal_for_envs_of_a_group_in_the_same_state(webshop_agent):

@@ -155,7 +155,7 @@ class EnvAgent:
 
         Training tasks are drawn as :meth:`collect` draws them (same ``seed`` → same tasks); the expert is
         the environment's (WebShop ``oracle_actions()``, ALFWorld's planner). Prompts are rendered exactly
-        as in rollouts, and the response is ``prompt.response(action)`` + EOS, so SFT data and rollouts
+        as in rollouts, and the response is ``prompt.response(action, admissible)`` + EOS, so SFT data and rollouts
         share one format. Episodes the expert does not win are left out (``only_won``).
         """
         env = self._envs(self.train_split, 1)[0]
@@ -168,7 +168,8 @@ class EnvAgent:
             task, history, episode, won = self.prompt.task(result), [], [], False
             for step, action in enumerate(actions[: self.max_steps]):
                 p_ids = step_prompt_ids(tokenizer, self.prompt, task, history, result, step)
-                r_ids = tokenizer(self.prompt.response(action), add_special_tokens=False)["input_ids"]
+                reply = self.prompt.response(action, result.admissible_actions)
+                r_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
                 r_ids = r_ids + [tokenizer.eos_token_id]
                 episode.append({"prompt_ids": p_ids, "response_ids": r_ids, "response_mask": [1] * len(r_ids)})
                 nxt = env.step(action)

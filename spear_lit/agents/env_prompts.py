@@ -3,7 +3,9 @@
 A step's user message holds the task, the last ``history_len`` steps (observation and action), the current
 observation and the admissible actions, and asks for ``<think>…</think><action>…</action>``. ``compact=True``
 is a short form for tiny byte-level policies (one token per character): actions only in the history, a
-truncated observation, terse labels. Choose one per environment with ``_target_``.
+truncated observation, terse labels. ``numbered=True`` lists the actions with numbers and accepts a number as
+the reply (also a tiny-policy aid: choosing ``7`` replaces copying ``click[b7x2k9qz]`` character by
+character). Choose one per environment with ``_target_``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spear_lit.envs.base import StepResult
-from spear_lit.rollout.env_loop import HistoryItem
+from spear_lit.rollout.env_loop import PLACEHOLDER, HistoryItem, match_admissible
 
 SEP = " [SEP] "
 ALFWORLD_TASK = "Your task is to: "
@@ -24,6 +26,9 @@ class StepPromptBase:
         history_len: past steps shown (k; verl-agent uses 2 for both environments).
         compact: the short form for tiny policies.
         max_obs_chars: observations longer than this are cut (``None``: never; compact default 300).
+        numbered: list the admissible actions as ``1: …``, ``2: …`` and accept a reply that is just such a
+            number (the action sent and shown in the history is the listed text). Written-out actions
+            are accepted too; a placeholder action (``search[<query>]``) must be written out.
         system: optional system message.
     """
 
@@ -31,10 +36,10 @@ class StepPromptBase:
     goal_hint = "which admissible action best advances the task"
 
     def __init__(self, *, history_len: int = 2, compact: bool = False, max_obs_chars: int | None = None,
-                 system: str | None = None):
+                 numbered: bool = False, system: str | None = None):
         if history_len < 0:
             raise ValueError(f"history_len={history_len}: must be >= 0")
-        self.history_len, self.compact, self.system = history_len, compact, system
+        self.history_len, self.compact, self.numbered, self.system = history_len, compact, numbered, system
         self.max_obs_chars = max_obs_chars if max_obs_chars is not None or not compact else 300
 
     # -- environment-specific hooks
@@ -61,6 +66,8 @@ class StepPromptBase:
                  admissible_actions: Sequence[str], *, step: int) -> str:
         """The user message of step ``step`` (0-based), ``history`` being the last ``history_len`` steps."""
         acts = self.actions(admissible_actions)
+        if self.numbered:
+            acts = [f"{k}: {a}" for k, a in enumerate(acts, 1)]
         obs = self._obs(observation, task)
         if self.compact:
             past = " > ".join(h.action + ("" if h.valid else " (invalid)") for h in history)
@@ -79,12 +86,26 @@ class StepPromptBase:
         lines.append("Admissible actions now: [\n" + "\n".join(f"'{a}'," for a in acts) + "\n]")
         lines.append(
             f"Your turn. First think step by step about the situation and {self.goal_hint}; put this "
-            "reasoning inside <think> </think>. Then give exactly one admissible action inside "
-            "<action> </action>.")
+            "reasoning inside <think> </think>. Then give exactly one admissible action"
+            + (" (or its number)" if self.numbered else "") + " inside <action> </action>.")
         return "\n".join(lines)
 
-    def response(self, action: str, think: str = "") -> str:
-        """The response that takes ``action`` (expert demonstrations for cold-start SFT)."""
+    def command(self, action: str, admissible: Sequence[str]) -> str | None:
+        """The command to send for the parsed ``action``; ``None`` if it is not admissible."""
+        if self.numbered and admissible and action.strip().isdigit():
+            listed = self.actions(admissible)
+            k = int(action.strip())
+            ok = 1 <= k <= len(listed) and not PLACEHOLDER.search(listed[k - 1])
+            return listed[k - 1] if ok else None
+        return match_admissible(action, admissible)
+
+    def response(self, action: str, admissible: Sequence[str] = (), think: str = "") -> str:
+        """The response that takes ``action`` among ``admissible`` (expert demonstrations for cold-start SFT):
+        numbered, a listed action is given by its number."""
+        if self.numbered:
+            listed = [a.lower() for a in self.actions(admissible)]
+            if action.lower() in listed:
+                action = str(listed.index(action.lower()) + 1)
         return f"<think>{think}</think><action>{action}</action>"
 
 

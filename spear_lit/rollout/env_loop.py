@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _ACTION = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_PLACEHOLDER = re.compile(r"<[^<>\s]+>")  # ``search[<query>]``: any non-blank text fills ``<query>``
+PLACEHOLDER = re.compile(r"<[^<>\s]+>")  # ``search[<query>]``: any non-blank text fills ``<query>``
 
 
 class HistoryItem(NamedTuple):
@@ -57,8 +57,11 @@ class StepPrompt(Protocol):
                  admissible_actions: Sequence[str], *, step: int) -> str:
         """The user message for step ``step`` (0-based); ``history`` is the last ``history_len`` steps."""
 
-    def response(self, action: str, think: str = "") -> str:
-        """The response text that takes ``action`` (expert demonstrations)."""
+    def command(self, action: str, admissible: Sequence[str]) -> str | None:
+        """The command to send for a parsed ``action`` (:func:`match_admissible`), ``None`` if not admissible."""
+
+    def response(self, action: str, admissible: Sequence[str] = (), think: str = "") -> str:
+        """The response text that takes ``action`` among ``admissible`` (expert demonstrations)."""
 
 
 @dataclass
@@ -124,8 +127,8 @@ def match_admissible(action: str, admissible: Sequence[str]) -> str | None:
         if entry.lower() == low:
             return entry
     for entry in admissible:
-        if _PLACEHOLDER.search(entry):
-            pattern = r"\S.*?".join(re.escape(part) for part in _PLACEHOLDER.split(entry))
+        if PLACEHOLDER.search(entry):
+            pattern = r"\S.*?".join(re.escape(part) for part in PLACEHOLDER.split(entry))
             if re.fullmatch(pattern, action, re.DOTALL | re.IGNORECASE):
                 return action
     return None
@@ -152,7 +155,7 @@ def run_env_episodes(
 
     Resets run in parallel; then, per step, every live episode's prompt is rendered, all are continued
     by one ``engine.generate`` call, each response is parsed (:func:`parse_action`) and checked against
-    the admissible actions (:func:`match_admissible`), and the valid actions are stepped in parallel.
+    the admissible actions (``prompt.command``), and the valid actions are stepped in parallel.
     An episode ends when its environment says ``done``, when it fails, or after ``max_steps`` rows.
 
     Args:
@@ -194,7 +197,7 @@ def run_env_episodes(
         for i, p_ids, r_ids in zip(live, prompts, outs):
             text = tokenizer.decode(r_ids, skip_special_tokens=True)
             action = parse_action(text, require_think=require_think)
-            command = match_admissible(action, current[i].admissible_actions) if action is not None else None
+            command = prompt.command(action, current[i].admissible_actions) if action is not None else None
             rec = StepRecord(list(p_ids), list(r_ids), text, action, anchor=current[i].observation)
             episodes[i].steps.append(rec)
             if command is None:  # never sent: the state is unchanged
