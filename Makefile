@@ -42,9 +42,9 @@ tiny-checkpoint: setup
 	rm -rf spear_lit/assets/tiny-math-sft && mkdir -p spear_lit/assets
 	cp -r runs/sft_tiny/policy_hf spear_lit/assets/tiny-math-sft
 
-# builtin:tiny-webshop-sft and builtin:tiny-alfworld-sft (~75 min on 2 cores), made in stages, each from the
+# builtin:tiny-webshop-sft and builtin:tiny-alfworld-sft (~95 min on 2 cores), made in stages, each from the
 # last: WebShop with Amazon-style ids, then the tiny shop's ids, then numbered actions (the agent=*_tiny
-# prompt); ALFWorld with written-out actions, then numbered ones.
+# prompt) twice; ALFWorld with written-out actions, then numbered ones twice.
 tiny-agent-checkpoint: setup
 	$(BIN)/python train.py +experiment=webshop_tiny_sft run_dir=runs/webshop_sft_a \
 	  data.agent.env.asin_prefix=B0 data.agent.prompt.numbered=false trainer.max_steps=450 learner.total_steps=900
@@ -54,14 +54,19 @@ tiny-agent-checkpoint: setup
 	$(BIN)/python train.py +experiment=webshop_tiny_sft run_dir=runs/webshop_sft_c \
 	  model.path=runs/webshop_sft_b/policy_hf trainer.max_steps=300 learner.optimizer.lr=5e-4 \
 	  learner.warmup_steps=20 data.seed=2
+	$(BIN)/python train.py +experiment=webshop_tiny_sft run_dir=runs/webshop_sft_d \
+	  model.path=runs/webshop_sft_c/policy_hf trainer.max_steps=300 learner.optimizer.lr=5e-4 \
+	  learner.warmup_steps=20 data.seed=3
 	$(BIN)/python train.py +experiment=alfworld_tiny_sft run_dir=runs/alfworld_sft_a \
 	  data.agent.prompt.numbered=false trainer.max_steps=450
 	$(BIN)/python train.py +experiment=alfworld_tiny_sft run_dir=runs/alfworld_sft_b \
 	  model.path=runs/alfworld_sft_a/policy_hf trainer.max_steps=300 learner.optimizer.lr=5e-4 \
 	  learner.warmup_steps=20
+	$(BIN)/python train.py +experiment=alfworld_tiny_sft run_dir=runs/alfworld_sft_c \
+	  model.path=runs/alfworld_sft_b/policy_hf trainer.max_steps=350 learner.warmup_steps=20
 	mkdir -p spear_lit/assets/tiny-webshop-sft spear_lit/assets/tiny-alfworld-sft  # their README.md stays
-	cp -r runs/webshop_sft_c/policy_hf/. spear_lit/assets/tiny-webshop-sft/
-	cp -r runs/alfworld_sft_b/policy_hf/. spear_lit/assets/tiny-alfworld-sft/
+	cp -r runs/webshop_sft_d/policy_hf/. spear_lit/assets/tiny-webshop-sft/
+	cp -r runs/alfworld_sft_c/policy_hf/. spear_lit/assets/tiny-alfworld-sft/
 
 lint: setup
 	$(BIN)/ruff check .
