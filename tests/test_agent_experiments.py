@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -161,7 +162,12 @@ def test_sft_rows_are_the_agent_experts_steps_and_a_few_steps_train(tmp_path):
     data, tok = objs["data"], objs["data"].tokenizer
     responses = [tok.decode(r["response_ids"]) for r in data.rows]
     assert responses[0].startswith("<think></think><action>search[") and responses[0].endswith("</action><|im_end|>")
-    assert any("click[buy now]" in r for r in responses)  # whole expert episodes, up to the purchase
+    prompts = [tok.decode(r["prompt_ids"]) for r in data.rows]
+    # whole expert episodes, up to the purchase; agent=webshop_tiny numbers its actions: clicks are numbers
+    assert all(re.search(r"<action>\d+</action>", r) for r in responses if "search[" not in r)
+    buys = [r for p, r in zip(prompts, responses) if (m := re.search(r"(\d+): click\[buy now\]", p))
+            and f"<action>{m.group(1)}</action>" in r]
+    assert len(buys) == 3
     assert all(r["response_mask"] == [1] * len(r["response_ids"]) for r in data.rows)
     assert data.agent._pools == {}  # the environments were closed once the rows were built
     assert objs["trainer"].global_step == 2 and torch.isfinite(torch.tensor(metrics["sft/loss"]))
