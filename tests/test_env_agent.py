@@ -315,7 +315,10 @@ def alive(pid: int) -> bool:
 def children() -> set[int]:
     out = set()
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        out |= {int(c) for c in (task / "children").read_text().split()}
+        try:  # a thread may end while we read
+            out |= {int(c) for c in (task / "children").read_text().split()}
+        except FileNotFoundError:
+            continue
     return {c for c in out if alive(c)}
 
 
