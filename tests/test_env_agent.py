@@ -267,6 +267,20 @@ def test_numbered_expert_answers_clicks_by_number_and_wins():
         agent.close()
 
 
+def test_train_tasks_restricts_draws_to_the_first_tasks(webshop_agent):
+    full = webshop_agent.draw_tasks(5, 40)
+    assert len(set(full)) == 40 and max(full) >= 8  # the whole split (hundreds of goals)
+    few = EnvAgent(webshop_agent.env_factory, webshop_agent.prompt, train_tasks=8)
+    try:
+        assert sorted(few.draw_tasks(5, 8)) == list(range(8))  # distinct while there are enough
+        draws = few.draw_tasks(5, 40)
+        assert len(draws) == 40 and set(draws) <= set(range(8))
+    finally:
+        few.close()
+    with pytest.raises(ValueError, match="train_tasks"):
+        EnvAgent(webshop_agent.env_factory, webshop_agent.prompt, train_tasks=0)
+
+
 def test_gigpo_anchors_equal_for_envs_of_a_group_in_the_same_state(webshop_agent):
     def no_history(text):
         return "\n".join(line for line in text.split("\n") if not line.startswith("Past:"))

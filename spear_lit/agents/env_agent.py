@@ -46,19 +46,25 @@ class EnvAgent:
         step_workers: environments reset/stepped at once.
         step_timeout_s, reset_timeout_s: a longer call fails its episode; the environment is replaced.
         require_think: an action counts only in a response that also has ``<think>…</think>``.
+        train_tasks: draw training tasks from the split's first ``train_tasks`` only (``None``: all). A
+            tiny policy cannot generalise over a thousand WebShop goals; on a fixed few, RL can be seen
+            to learn (``webshop_tiny_*``).
     """
 
     def __init__(self, env: Callable[..., TextEnv], prompt: StepPrompt, *, name: str = "env", max_steps: int = 15,
                  train_split: str = "train", val_split: str = "val", eval_envs: int = 32,
                  invalid_penalty: float = 0.1, gamma: float = 0.95, step_workers: int = 8,
                  step_timeout_s: float | None = 120.0, reset_timeout_s: float | None = 300.0,
-                 require_think: bool = True):
+                 require_think: bool = True, train_tasks: int | None = None):
         if max_steps < 1 or eval_envs < 1:
             raise ValueError("max_steps and eval_envs must be >= 1")
+        if train_tasks is not None and train_tasks < 1:
+            raise ValueError(f"train_tasks must be >= 1 or None, got {train_tasks}")
         self.env_factory, self.prompt, self.name = env, prompt, name
         self.max_steps, self.eval_envs = max_steps, eval_envs
         self.train_split, self.val_split = train_split, val_split
         self.invalid_penalty, self.gamma = invalid_penalty, gamma
+        self.train_tasks = train_tasks
         self.loop_kw = dict(step_workers=step_workers, step_timeout_s=step_timeout_s,
                             reset_timeout_s=reset_timeout_s, require_think=require_think)
         self._pools: dict[str, list[TextEnv]] = {}
@@ -92,6 +98,8 @@ class EnvAgent:
     def draw_tasks(self, seed: int, n: int) -> list[int]:
         """``n`` training task ids drawn from ``seed`` (distinct while the split has enough tasks)."""
         total = self._num_tasks(self.train_split)
+        if self.train_tasks is not None:
+            total = min(total, self.train_tasks) if total else self.train_tasks
         rng = random.Random(seed)
         if total is not None and n <= total:
             return rng.sample(range(total), n)
