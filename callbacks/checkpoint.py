@@ -1,16 +1,32 @@
-"""Lightning checkpoints at RL-iteration boundaries (plus ``last.ckpt``), resumable with ``ckpt_path``."""
+"""Lightning checkpoints at RL-iteration boundaries (plus ``last.ckpt``), on exceptions, and the run's
+configuration recorded in every checkpoint. Resume explicitly: ``ckpt_path=<file>`` or ``ckpt_path=auto``.
+
+Both savers subclass Lightning's ``Checkpoint`` base (so Lightning adds no default ``ModelCheckpoint``),
+but neither is an ``OnExceptionCheckpoint``: with one of those configured Lightning turns
+``fit(ckpt_path=None)`` into ``"last"`` and silently continues an old ``interrupted.ckpt``.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks._iteration import finished_iteration
+from spear_lit.training.checkpoints import find_latest, resume_hint, save_checkpoint
+
+log = logging.getLogger("spear_lit")
 
 
-class IterationCheckpoint(L.Callback):
-    """Save ``iter_<t>.ckpt`` every ``k`` iterations and always refresh ``last.ckpt``.
+def _folder(dirpath: str | None, trainer) -> Path:
+    return Path(dirpath or Path(trainer.default_root_dir) / "checkpoints")
+
+
+class IterationCheckpoint(Checkpoint):
+    """Save ``iter_<t>.ckpt`` every ``k`` iterations and always refresh ``last.ckpt`` (atomically).
 
     The checkpoint holds the model, optimizer, RL iteration, pending mini-batches, every rank's replay
     buffer, the baseline history and callback state: ``python train.py ckpt_path=.../last.ckpt``
@@ -28,8 +44,52 @@ class IterationCheckpoint(L.Callback):
         record = finished_iteration(pl_module)
         if record is None:
             return
-        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        folder = _folder(self.dirpath, trainer)
         t = record["iteration"]
         if self.every and t % self.every == 0:
-            trainer.save_checkpoint(folder / f"iter_{t:05d}.ckpt", weights_only=False)
-        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
+            save_checkpoint(trainer, folder / f"iter_{t:05d}.ckpt")
+        save_checkpoint(trainer, folder / "last.ckpt")
+
+
+class ExceptionCheckpoint(Checkpoint):
+    """On an exception during training, save ``interrupted.ckpt`` and log how to resume.
+
+    Saved only when it holds something new: training had started (the restore succeeded, so a broken
+    ``ckpt_path`` never leaves a bogus file) and optimizer steps were taken since. With several processes
+    only on SIGTERM, which Lightning raises on every rank at the same point; any other exception reaches
+    ranks at different points, where the collective save would hang (the last iteration checkpoint and the
+    preemption callback's step-boundary save cover those runs).
+
+    Args:
+        dirpath: folder; ``None`` = ``<default_root_dir>/checkpoints``.
+        filename: file name without ``.ckpt``.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted"):
+        self.dirpath, self.filename = dirpath, filename
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start_step = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        folder = _folder(self.dirpath, trainer)
+        aligned = trainer.world_size == 1 or isinstance(exception, SIGTERMException)
+        if self._start_step is not None and trainer.global_step > self._start_step and aligned:
+            save_checkpoint(trainer, folder / f"{self.filename}.ckpt")
+        if trainer.is_global_zero:
+            latest = find_latest(Path(trainer.default_root_dir))
+            log.error("run interrupted (%s) at optimizer step %d; %s", type(exception).__name__,
+                      trainer.global_step, resume_hint(trainer.default_root_dir, latest))
+
+
+class ConfigRecord(L.Callback):
+    """Store the run's composed configuration (a plain dict) and its RL iteration in every checkpoint
+    (``checkpoint["spear_lit"]``), so a resume can be checked against it (``train.py``)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        dm = trainer.datamodule
+        checkpoint["spear_lit"] = {"config": self.config, "iteration": int(getattr(dm, "iteration", -1))}
