@@ -1,9 +1,14 @@
 """The ``code_interpreter`` tool: runs model-written Python in a sandbox, never in the trainer process.
 
-Calls of a rollout batch run concurrently on a thread pool (each thread spawns and watches one
-sandboxed process), and each outcome becomes a tool message per SPEAR_SPEC §9: stdout stripped; on error
-the last two stderr lines plus a short notice; empty stdout → a notice to print the answer; time-out or
-failure → a notice; middle-truncated beyond ``max_output_chars``.
+Calls of a rollout batch run concurrently on a thread pool; with the default ``bwrap`` backend each
+thread hands its call to one of ``num_workers`` long-lived sandboxes (:mod:`spear_lit.tools.pool`), which
+runs it in a fresh child and cleans up everything after it. Each outcome becomes a tool message per
+SPEAR_SPEC §9: stdout stripped; on error the last two stderr lines plus a short notice; empty stdout → a
+notice to print the answer; a limit or failure → a notice; never longer than ``max_output_chars``.
+
+Limits decide by CPU time, so the same seed gives the same run on a loaded machine: ``cpu_s`` is the
+call's CPU-seconds budget (all its processes together); ``timeout_s`` is a wall-clock safety net for
+programs that wait instead of compute (``sleep``, blocking reads) and should stay well above ``cpu_s``.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from spear_lit.tools.sandbox import ExecResult, Limits, bwrap_command, run, unsafe_command
+from spear_lit.tools.pool import SandboxPool
+from spear_lit.tools.sandbox import ExecResult, Limits, run, unsafe_command
 
 __all__ = ["CodeInterpreter", "ExecResult", "truncate_middle"]
 
@@ -21,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("bwrap", "unsafe")
 NO_OUTPUT_NOTICE = "No output. Use print() to show the result."
+MIN_TIMEOUT_S = 0.1
 
 
 class CodeInterpreter:
@@ -30,9 +38,13 @@ class CodeInterpreter:
         backend: ``"bwrap"`` (isolated: namespaces, no network, read-only system, private /tmp and work
             dir, uid 65534) or ``"unsafe"`` (plain child process with the same rlimits and no isolation;
             only for machines where bubblewrap cannot run, and it logs a warning).
-        timeout_s: wall-clock limit per program; on expiry the whole sandbox is killed.
-        cpu_s: CPU-time limit (RLIMIT_CPU) per process, in seconds.
-        memory_mb: address-space limit (RLIMIT_AS) per process, in MiB; larger allocations raise MemoryError.
+        timeout_s: wall-clock safety net per program, in seconds: it only stops programs that wait rather
+            than compute, so keep it well above ``cpu_s`` (a wall limit decides differently under load).
+        cpu_s: the program's CPU-time budget in seconds, all its processes together (``bwrap``: polled
+            every 10 ms, plus RLIMIT_CPU per process; ``unsafe``: RLIMIT_CPU per process only).
+        memory_mb: memory limit in MiB: per process (RLIMIT_AS: larger allocations raise MemoryError) and,
+            with ``bwrap``, for the whole sandbox including its tmpfs files (a cgroup where the trainer
+            may create one, else polled).
         file_size_mb: largest file a process may write (RLIMIT_FSIZE), in MiB.
         max_procs: processes and threads the sandbox may hold at once (RLIMIT_NPROC, counted per sandbox).
         max_output_chars: the observation's length limit; longer text loses its middle.
@@ -44,6 +56,7 @@ class CodeInterpreter:
         capture_kb: at most this much of each of stdout/stderr is kept (head and tail halves), in KiB.
         extra_ro_binds: host paths made visible read-only at the same place, e.g. a world-readable venv
             with sympy for ``python``. Never bind the project or a home directory.
+        cgroup: with ``bwrap``, cap each sandbox's total memory with a cgroup where possible.
     """
 
     name = "code_interpreter"
@@ -52,8 +65,8 @@ class CodeInterpreter:
         self,
         backend: str = "bwrap",
         *,
-        timeout_s: float = 5.0,
-        cpu_s: int = 5,
+        timeout_s: float = 30.0,
+        cpu_s: float = 5.0,
         memory_mb: int = 512,
         file_size_mb: int = 8,
         max_procs: int = 32,
@@ -64,6 +77,7 @@ class CodeInterpreter:
         tmpfs_mb: int = 64,
         capture_kb: int = 256,
         extra_ro_binds: tuple[str, ...] | list[str] = (),
+        cgroup: bool = True,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown code_interpreter backend {backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -71,6 +85,18 @@ class CodeInterpreter:
             raise ValueError(f"max_output_chars must be >= 64, got {max_output_chars}")
         if min(timeout_s, cpu_s, memory_mb, file_size_mb, max_procs, num_workers, tmpfs_mb, capture_kb) <= 0:
             raise ValueError("timeouts, limits, sizes and num_workers must be positive")
+        if timeout_s < MIN_TIMEOUT_S:
+            raise ValueError(
+                f"code_interpreter timeout_s={timeout_s:g} (tool.timeout_s) is too short for any program: starting "
+                f"one takes milliseconds, more on a loaded machine; it must be >= {MIN_TIMEOUT_S:g} s. The "
+                f"per-call limit is cpu_s (tool.cpu_s, CPU seconds, now {cpu_s:g}); timeout_s is only a "
+                "wall-clock safety net (default 30)."
+            )
+        if timeout_s < cpu_s:
+            log.warning(
+                "code_interpreter timeout_s=%g < cpu_s=%g: the wall clock, not CPU time, decides when a "
+                "program is stopped, so results depend on machine load", timeout_s, cpu_s,
+            )
         self.backend, self.max_output_chars = backend, max_output_chars
         self.limits = Limits(
             timeout_s=timeout_s,
@@ -81,14 +107,19 @@ class CodeInterpreter:
             capture_bytes=capture_kb * 1024,
             tmpfs_mb=tmpfs_mb,
         )
+        self._sandboxes: SandboxPool | None = None
+        self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="code-interpreter")
+        self._stats_lock = threading.Lock()
+        self._calls = self._errors = 0
         if backend == "bwrap":
             if not (os.path.isfile(bwrap) and os.access(bwrap, os.X_OK)):
+                self.close()
                 raise RuntimeError(
                     f"bubblewrap not found at {bwrap}: the code interpreter needs it to run model-written code "
                     "safely. Install it with `apt-get install -y bubblewrap` (or `make setup`), or explicitly "
                     "run without isolation with `tool.backend=unsafe`."
                 )
-            self._cmd = bwrap_command(bwrap, python, self.limits, tuple(extra_ro_binds))
+            self._sandboxes = SandboxPool(bwrap, python, self.limits, num_workers, tuple(extra_ro_binds), cgroup)
             self._self_check()
         else:
             log.warning(
@@ -97,12 +128,20 @@ class CodeInterpreter:
                 "backend 'bwrap' for anything but trusted debugging."
             )
             self._cmd = unsafe_command(python, self.limits)
-        self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="code-interpreter")
 
     def _self_check(self) -> None:
         """Fail at construction, not silently on every call, if bwrap cannot build a sandbox here."""
         res = self.execute("print('ok')")
+        self.pop_stats()
+        if res.error is None and res.limit == "wall":
+            self.close()
+            raise RuntimeError(
+                f"code_interpreter timeout_s={self.limits.timeout_s:g} (tool.timeout_s) is too short: the sandbox "
+                "started, but even print('ok') did not finish within it. timeout_s is a wall-clock safety net; "
+                "the per-call limit is cpu_s (CPU seconds). Use e.g. timeout_s=30."
+            )
         if res.error or res.stdout.strip() != "ok":
+            self.close()
             raise RuntimeError(
                 "bubblewrap is installed but could not run a sandboxed program "
                 f"(exit {res.exit_code}, timed out: {res.timed_out}): {res.error or res.stderr.strip()!r}. "
@@ -111,12 +150,31 @@ class CodeInterpreter:
             )
 
     def execute(self, code: str) -> ExecResult:
-        """Run one program in a fresh sandbox and return its raw, capped outcome. Never raises."""
+        """Run one program in a fresh sandboxed child and return its raw, capped outcome. Never raises."""
         try:
-            return run(self._cmd, code, self.limits, sandboxed=self.backend == "bwrap")
+            if self._sandboxes is not None:
+                res = self._sandboxes.run(code)
+            else:
+                res = run(self._cmd, code, self.limits, sandboxed=False)
         except Exception as e:  # the trainer must survive any tool failure
             log.exception("code_interpreter failed")
-            return ExecResult("", "", None, False, f"{type(e).__name__}: {e}")
+            res = ExecResult("", "", None, False, f"{type(e).__name__}: {e}")
+        with self._stats_lock:
+            self._calls += 1
+            self._errors += res.error is not None
+        return res
+
+    def pop_stats(self) -> dict[str, int]:
+        """Calls run and infrastructure errors since the last ``pop_stats`` (then both restart at 0).
+
+        Returns ``{"calls": int, "errors": int}``. An error is a failure of the sandbox itself (could not
+        start, worker died or hung, could not confine the call), never the model's code raising, timing
+        out or hitting a limit: those are ordinary observations.
+        """
+        with self._stats_lock:
+            stats = {"calls": self._calls, "errors": self._errors}
+            self._calls = self._errors = 0
+        return stats
 
     def execute_batch(self, codes: list[str]) -> list[ExecResult]:
         """Run programs concurrently (``num_workers`` at a time); results in input order."""
@@ -130,6 +188,9 @@ class CodeInterpreter:
         if result.timed_out:
             notice = f"Error: execution timed out after {self.limits.timeout_s:g} s and was stopped."
             return self._with_notice(stdout, notice)
+        if result.limit == "memory":
+            notice = f"Error: the code exceeded the memory limit ({self.limits.memory_mb} MiB) and was killed."
+            return self._with_notice(stdout, notice)
         if result.exit_code != 0:
             stderr_tail = "\n".join(result.stderr.strip().splitlines()[-2:])
             return self._with_notice("\n".join(s for s in (stdout, stderr_tail) if s), self._failure(result))
@@ -140,8 +201,10 @@ class CodeInterpreter:
         return [self.format_observation(r) for r in self.execute_batch(codes)]
 
     def close(self) -> None:
-        """Wait for running programs and stop the worker threads."""
+        """Wait for running programs, stop the worker threads and the sandboxes."""
         self._pool.shutdown(wait=True)
+        if self._sandboxes is not None:
+            self._sandboxes.close()
 
     def __enter__(self) -> CodeInterpreter:
         return self
@@ -154,7 +217,7 @@ class CodeInterpreter:
         if code is not None and code < 0:
             sig = -code
             if sig == signal.SIGXCPU:
-                return f"Error: the code exceeded the CPU-time limit ({self.limits.cpu_s} s) and was killed."
+                return f"Error: the code exceeded the CPU-time limit ({self.limits.cpu_s:g} s) and was killed."
             if sig == signal.SIGXFSZ:
                 return f"Error: the code exceeded the file-size limit ({self.limits.file_size_mb} MiB) and was killed."
             try:
@@ -165,7 +228,9 @@ class CodeInterpreter:
         return f"Error: the code failed (exit status {code})."
 
     def _with_notice(self, body: str, notice: str) -> str:
-        return f"{truncate_middle(body, self.max_output_chars)}\n{notice}" if body else notice
+        """``body`` cut to leave room for the notice: the whole observation fits ``max_output_chars``."""
+        room = self.max_output_chars - len(notice) - 1
+        return f"{truncate_middle(body, room)}\n{notice}" if body and room > 0 else notice
 
     @staticmethod
     def _clip(text: str, limit: int) -> str:

@@ -1,5 +1,10 @@
 """Run one untrusted Python program in a child process and collect its bounded outcome.
 
+This is the one-shot path: one new process (and, for bubblewrap, one new sandbox) per program. The
+``code_interpreter``'s default ``bwrap`` backend instead serves calls from a pool of long-lived sandboxes
+(:mod:`spear_lit.tools.pool`); this module's one-shot runner serves the ``unsafe`` backend and the
+before/after benchmark (``bench/sandbox.py``), and defines the shared result and limit types.
+
 Two launchers build the command line; one runner spawns it, feeds the code on stdin, captures
 stdout/stderr with a byte cap, enforces the wall timeout and always kills what is left:
 
@@ -18,6 +23,7 @@ cannot starve the other workers' sandboxes, which all run as uid 65534.
 
 from __future__ import annotations
 
+import math
 import os
 import selectors
 import shutil
@@ -73,6 +79,9 @@ class ExecResult:
         timed_out: the wall timeout expired and the whole sandbox was killed.
         error: a sandbox/infrastructure failure (not the program's fault), else ``None``.
         duration_s: wall-clock seconds from spawn to cleanup.
+        limit: which limit stopped the program: ``"cpu"`` (its CPU-seconds budget), ``"memory"`` (the
+            sandbox's total memory), ``"wall"`` (the wall-clock safety net), or ``None``.
+        cpu_s: CPU seconds the program's processes used (pool backend; ``None`` if not measured).
     """
 
     stdout: str
@@ -81,14 +90,16 @@ class ExecResult:
     timed_out: bool
     error: str | None
     duration_s: float = 0.0
+    limit: str | None = None
+    cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
 class Limits:
     """Per-run resource limits (see :class:`~spear_lit.tools.code_interpreter.CodeInterpreter`)."""
 
-    timeout_s: float = 5.0
-    cpu_s: int = 5
+    timeout_s: float = 30.0
+    cpu_s: float = 5.0
     memory_mb: int = 512
     file_size_mb: int = 8
     max_procs: int = 32
@@ -100,7 +111,7 @@ class Limits:
         """argv for :data:`PRELUDE`: CPU s, address space B, file size B, processes, open files."""
         mb = 1 << 20
         values = (
-            self.cpu_s,
+            math.ceil(self.cpu_s),
             self.memory_mb * mb,
             self.file_size_mb * mb,
             self.max_procs,
