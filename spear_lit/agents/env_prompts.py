@@ -92,9 +92,12 @@ class StepPromptBase:
 
     def command(self, action: str, admissible: Sequence[str]) -> str | None:
         """The command to send for the parsed ``action``; ``None`` if it is not admissible."""
-        if self.numbered and admissible and action.strip().isdigit():
+        number = action.strip()
+        # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses; and a short number,
+        # since int() refuses strings of more than 4300 digits.
+        if self.numbered and admissible and number.isascii() and number.isdigit() and len(number) <= 9:
             listed = self.actions(admissible)
-            k = int(action.strip())
+            k = int(number)
             ok = 1 <= k <= len(listed) and not PLACEHOLDER.search(listed[k - 1])
             return listed[k - 1] if ok else None
         return match_admissible(action, admissible)

@@ -7,7 +7,6 @@ policy's calls; SPEAR_SPEC §9: malformed calls are never executed).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 
 TOOL_NAME = "code_interpreter"
@@ -15,7 +14,6 @@ TOOL_NAME = "code_interpreter"
 DEFAULT_TOOLS: Mapping[str, Sequence[str]] = {TOOL_NAME: ("code",)}
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(_OPEN) + r"(.*?)" + re.escape(_CLOSE), re.DOTALL)
 
 
 def format_tool_call(code: str, name: str = TOOL_NAME) -> str:
@@ -28,7 +26,7 @@ def _validate(payload: str, tools: Mapping[str, Sequence[str]]) -> dict | None:
     """The call as ``{"name", "arguments"}`` if ``payload`` is a well-formed call of a known tool."""
     try:
         call = json.loads(payload)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad JSON, an int of > 4300 digits, nesting deeper than the stack
         return None
     if not isinstance(call, dict):
         return None
@@ -55,28 +53,43 @@ def parse_tool_calls(
         tool, missing/non-dict arguments, a required argument missing or not a string) or an opening
         tag was left unclosed. Malformed blocks are dropped, never executed.
     """
-    calls, malformed = [], False
-    for match in _BLOCK.finditer(text):
-        call = _validate(match.group(1).strip(), tools)
+    calls, malformed, pos = [], False, 0
+    # One left-to-right scan (a regex with a lazy group is quadratic on many unclosed tags): each block
+    # runs from an opening tag to the next closing tag, as a non-greedy match would.
+    while (start := text.find(_OPEN, pos)) != -1:
+        end = text.find(_CLOSE, start + len(_OPEN))
+        if end == -1:
+            malformed = True  # an opening tag never closed (e.g. cut off by the length limit)
+            break
+        call = _validate(text[start + len(_OPEN) : end].strip(), tools)
         if call is None:
             malformed = True
         else:
             calls.append(call)
-    # an opening tag after the last complete block never closed (e.g. cut off by the length limit)
-    tail = text[text.rfind(_CLOSE) + len(_CLOSE) :] if _CLOSE in text else text
-    if _OPEN in tail:
-        malformed = True
+        pos = end + len(_CLOSE)
     return calls, malformed
 
 
 def has_final_answer(text: str) -> bool:
-    """Whether ``text`` contains a ``\\boxed{`` whose braces balance (a parseable final answer)."""
-    start = text.find("\\boxed{")
+    """Whether ``text`` contains a ``\\boxed{`` whose braces balance (a parseable final answer).
+
+    Linear time (the model writes it; a nested loop would be quadratic in the number of boxes): a box
+    opened at brace depth ``b`` closes once the depth after it falls back to ``b``; depth moves by one, so
+    the first box to close is the one opened at the highest depth, and one scan tracking it decides.
+    """
+    first = text.find("\\boxed{")
+    if first == -1:
+        return False
+    opens = set()
+    start = first
     while start != -1:
-        depth = 0
-        for ch in text[start + len("\\boxed") :]:
-            depth += (ch == "{") - (ch == "}")
-            if depth == 0:
-                return True
+        opens.add(start + len("\\boxed"))
         start = text.find("\\boxed{", start + 1)
+    depth, highest = 0, None
+    for i in range(first + len("\\boxed"), len(text)):
+        if i in opens:
+            highest = depth if highest is None else max(highest, depth)
+        depth += (text[i] == "{") - (text[i] == "}")
+        if highest is not None and depth <= highest:
+            return True
     return False
