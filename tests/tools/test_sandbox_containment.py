@@ -4,6 +4,8 @@ pytest process) carries on, and the tool answers with a clear message."""
 import os
 import socket
 import subprocess
+import sys
+import threading
 import time
 import tracemalloc
 import uuid
@@ -229,3 +231,216 @@ def test_many_small_files_stop_at_the_tmpfs_size(ci):
     [obs] = ci([code])
     n, reason = obs.split(" ", 1)
     assert int(n) <= 64 and reason == "No space left on device"  # 64 MiB tmpfs, not 200 MiB of host RAM
+
+
+# --- The harder hostile suite (issue 11 item 4) and what a persistent worker makes possible. ---------------
+
+PTRACE_INIT_AND_DAEMON = r"""
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+# 1) take over the sandbox's init (the worker, PID 1): ptrace, /proc/1/mem, process_vm_writev
+r = libc.ptrace(16, 1, None, None)  # PTRACE_ATTACH
+print('ptrace', r, os.strerror(ctypes.get_errno()))
+for how in ('r+b', 'rb'):
+    try:
+        open('/proc/1/mem', how); print('mem', how, 'OPENED')
+    except OSError as e:
+        print('mem', how, type(e).__name__)
+# 2) a daemon: double fork, new session, no parent-death signal, heartbeat forever
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG = 0
+        while True:
+            time.sleep(0.01)
+    os._exit(0)
+time.sleep(0.05)
+print('ns', os.readlink('/proc/self/ns/pid'))
+"""
+
+
+def test_a_call_cannot_take_over_init_and_no_daemon_outlives_it(ci):
+    r = ci.execute(PTRACE_INIT_AND_DAEMON)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "ptrace -1 Operation not permitted"  # seccomp: EPERM
+    assert lines[1:3] == ["mem r+b PermissionError", "mem rb PermissionError"]  # the worker is not dumpable
+    ns = lines[3].split()[1]
+    # After the call returned, the only process left in its sandbox is the worker itself (pid 1 inside).
+    left = _pids_in_namespace(ns)
+    assert len(left) <= 1 and all(set(ci._sandboxes.worker_pids()) >= {int(p)} for p in left)
+
+
+def test_sandbox_memory_is_capped_in_total_not_per_process():
+    code = r"""
+import os, time
+r, w = os.pipe()
+for _ in range(4):
+    if os.fork() == 0:
+        x = b'\1' * (300 << 20)  # touched: 300 MiB resident each
+        os.write(w, b'1'); time.sleep(3); os._exit(0)
+os.close(w)
+held, t0 = 0, time.time()
+os.set_blocking(r, False)
+while time.time() - t0 < 2.5:
+    try:
+        held += len(os.read(r, 16))
+    except BlockingIOError:
+        time.sleep(0.01)
+print('held', held)
+"""
+    for cgroup in (True, False):  # the kernel's cap where a cgroup can be made, else the worker's poll
+        with CodeInterpreter(timeout_s=10, cpu_s=10, memory_mb=512, num_workers=1, cgroup=cgroup) as tool:
+            assert tool._sandboxes.has_cgroup is (cgroup and tool._sandboxes.has_cgroup)
+            r = tool.execute(code)
+            obs = tool.format_observation(r)
+        # 4 x 300 MiB never coexist in 512 MiB: at most one child holds its block at a time, or the call
+        # is stopped for memory.
+        held = int(r.stdout.split()[-1]) if r.stdout.startswith("held") else 0
+        assert held <= 1 or r.limit == "memory", (cgroup, obs)
+        assert "held 4" not in obs
+
+
+def test_shared_memory_and_dev_are_capped(ci):
+    code = r"""
+import os
+n = 0
+try:
+    while n < 160:
+        with open(f'/dev/shm/f{n}', 'wb') as f:
+            f.write(b'x' * 2**20)
+        n += 1
+except OSError as e:
+    print(n, e.strerror)
+try:
+    open('/dev/evil', 'wb').write(b'x'); print('dev writable')
+except OSError as e:
+    print('dev', e.strerror)
+"""
+    [obs] = ci([code])
+    first, second = obs.splitlines()
+    n, reason = first.split(" ", 1)
+    assert int(n) <= 64 and reason in ("No space left on device", "Cannot allocate memory")
+    assert second == "dev Read-only file system"
+
+
+PID1_TRAINER = r"""
+import os, sys
+sys.path.insert(0, REPO)
+from spear_lit.tools import CodeInterpreter
+
+def zombies():
+    states = []
+    for p in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            states.append(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0])
+        except OSError:
+            pass
+    return states.count('Z')
+
+assert os.getpid() == 1
+codes = ['print(1)', 'raise ValueError', 'import time; time.sleep(5)', 'while True: pass',
+         'import os\nif os.fork() == 0:\n    os.setsid(); import time; time.sleep(60)']
+with CodeInterpreter(timeout_s=0.5, cpu_s=0.3, num_workers=2) as ci:
+    for _ in range(3):
+        ci(codes)
+    print('zombies', zombies())
+print('left after close', len([p for p in os.listdir('/proc') if p.isdigit() and p != '1']))
+"""
+
+
+def test_no_zombies_under_a_trainer_running_as_pid_1(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private pid namespace (unshare --pid)")
+    script = tmp_path / "pid1.py"
+    script.write_text(PID1_TRAINER.replace("REPO", repr(str(REPO))))
+    out = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["zombies 0", "left after close 0"]
+
+
+def test_observation_never_exceeds_max_output_chars(ci):
+    floods = [
+        "print('x' * 5000)\nraise RuntimeError('y' * 3000)",
+        "import sys\nsys.stdout.write('a\\n' * 4000)\nsys.stderr.write('b' * 9000)\nsys.exit(3)",
+        "print('z' * 5000, flush=True)\nimport time\ntime.sleep(10)",
+    ]
+    for obs in ci(floods):
+        assert len(obs) <= 1024 and obs.splitlines()[-1].startswith("Error: "), obs[-200:]
+
+
+def test_state_of_one_call_is_invisible_to_the_next():
+    first = r"""
+import os, sys, json, decimal, builtins
+for d in ('/tmp', '/workspace', '/dev/shm'):
+    os.makedirs(d + '/sub', exist_ok=True); open(d + '/sub/left.txt', 'w').write('x')
+os.chmod('/tmp/sub', 0)  # an unreadable directory must not stop the cleanup
+json.MARK = 1; builtins.LEAK = 1; os.environ['LEAK'] = '1'; sys.path.append('/tmp')
+print(os.readlink('/proc/self/ns/pid'))
+"""
+    second = r"""
+import os, sys, builtins
+print(os.readlink('/proc/self/ns/pid'))
+print([os.listdir(d) for d in ('/tmp', '/workspace', '/dev/shm')])
+print('decimal' in sys.modules, hasattr(builtins, 'LEAK'), 'LEAK' in os.environ, '/tmp' in sys.path,
+      hasattr(sys.modules.get('json'), 'MARK'))
+"""
+    with CodeInterpreter(timeout_s=5, num_workers=1) as tool:  # one worker: the same sandbox serves both
+        r1, r2 = tool.execute(first), tool.execute(second)
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.stderr + r2.stderr
+    ns, listing, flags = r2.stdout.splitlines()
+    assert ns == r1.stdout.strip()  # same sandbox, so only the per-call cleanup hid the state
+    assert listing == "[[], [], []]" and flags == "False False False False False"
+
+
+def test_sysv_ipc_and_keyrings_are_refused(ci):
+    code = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget(0, 4096, 0o1600), os.strerror(ctypes.get_errno()))
+print(libc.syscall(248, b'user', b'k', b'v', 1, -3), os.strerror(ctypes.get_errno()))  # add_key
+"""
+    assert ci([code]) == ["-1 Operation not permitted\n-1 Operation not permitted"]
+
+
+def test_a_killed_worker_is_replaced_and_every_call_gets_an_answer():
+    with CodeInterpreter(timeout_s=5, num_workers=3) as tool:
+        # The worker is its sandbox's init: the call's own kill(1) is ignored by the kernel.
+        assert tool(["import os, signal\nos.kill(1, signal.SIGKILL)\nprint('worker alive')"]) == ["worker alive"]
+        tool.pop_stats()
+        # Killing the workers from outside mid-batch (a crash): every call still gets an answer.
+        codes = [f"import time\ntime.sleep(1.0)\nprint({i})" for i in range(6)]
+        threading.Timer(0.5, lambda: [os.kill(p, 9) for p in tool._sandboxes.worker_pids()]).start()
+        out = tool(codes)
+        assert len(out) == 6
+        died = [o for o in out if o.startswith("Error: the code could not be run: the sandbox worker died")]
+        assert len(died) >= 1 and all(o in (str(i), *died) for i, o in enumerate(out))
+        assert tool.pop_stats() == {"calls": 6, "errors": len(died)}
+        assert tool([f"print({i})" for i in range(6)]) == [str(i) for i in range(6)]  # fresh workers
+        assert tool.pop_stats() == {"calls": 6, "errors": 0}
+
+
+def test_cpu_budget_stops_busy_code_and_the_wall_net_stops_sleeping_code():
+    with CodeInterpreter(timeout_s=3, cpu_s=0.5, num_workers=2) as tool:
+        busy, forked, sleepy = tool.execute_batch([
+            "while True:\n    pass",
+            # three busy processes, each under the budget alone: the budget is per call
+            "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        while True: pass\ntime.sleep(30)",
+            "import time\ntime.sleep(30)",
+        ])
+        assert busy.limit == "cpu" and busy.cpu_s >= 0.5 and busy.duration_s < 3
+        assert forked.limit == "cpu" and forked.cpu_s >= 0.5 and forked.duration_s < 3
+        assert sleepy.limit == "wall" and sleepy.timed_out and sleepy.duration_s >= 3
+        obs = [tool.format_observation(r) for r in (busy, forked, sleepy)]
+    assert obs[0] == obs[1] == "Error: the code exceeded the CPU-time limit (0.5 s) and was killed."
+    assert obs[2] == "Error: execution timed out after 3 s and was stopped."
+
+
+def test_a_tiny_wall_timeout_is_refused_without_blaming_bubblewrap():
+    with pytest.raises(ValueError) as info:
+        CodeInterpreter(timeout_s=0.01)
+    msg = str(info.value)
+    assert "tool.timeout_s" in msg and "cpu_s" in msg and "bubblewrap" not in msg
