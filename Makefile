@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents
 
-.PHONY: setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint lint clean
+.PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint lint clean
 
 setup: $(STAMP) sandbox
 
@@ -77,6 +77,14 @@ tiny-agent-checkpoint: setup
 	mkdir -p spear_lit/assets/tiny-webshop-sft spear_lit/assets/tiny-alfworld-sft  # their README.md stays
 	cp -r runs/webshop_sft_d/policy_hf/. spear_lit/assets/tiny-webshop-sft/
 	cp -r runs/alfworld_sft_c/policy_hf/. spear_lit/assets/tiny-alfworld-sft/
+
+# A real two-node SLURM cluster on this machine (root; Debian packages) for scripts/slurm/train.sbatch and
+# the `slurm` tests; `make slurm-down` stops it and leaves nothing running.
+slurm-up:
+	scripts/slurm/local_cluster.sh up
+
+slurm-down:
+	scripts/slurm/local_cluster.sh down
 
 lint: setup
 	$(BIN)/ruff check .
