@@ -98,6 +98,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     out, _ = proc.communicate(timeout=120)
     ckpt = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert ckpt.exists(), out[-3000:]
+    assert proc.returncode != 0 and f"ckpt_path=auto run_dir={tmp_path}" in out  # says how to resume
     done = len(list(csv.DictReader(open(tmp_path / "metrics.csv"))))
     resumed = _run([*TINY_RUN, f"iterations={done + 1}", f"run_dir={tmp_path}/resumed", f"ckpt_path={ckpt}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

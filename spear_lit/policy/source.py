@@ -9,11 +9,13 @@ random Qwen2 built from a config for tests and smoke runs.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen2Config
 
+from spear_lit.atomic import fsync_tree, replace_dir, temp_sibling
 from spear_lit.policy.tokenizer import byte_chat_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -108,11 +110,25 @@ class PolicySource:
 
 
 def save_hf(model: PreTrainedModel, tokenizer, path: str | Path, meta: dict | None = None) -> Path:
-    """Save a Hugging Face checkpoint (config, safetensors, tokenizer) that ``PolicySource`` loads."""
+    """Save a Hugging Face checkpoint (config, safetensors, tokenizer) that ``PolicySource`` loads.
+
+    All or nothing: written to a hidden sibling folder, fsynced, then renamed to ``path`` (replacing an
+    older export). A failed write (full disk ...) raises an ``OSError`` that names ``path`` and leaves
+    whatever was there before untouched.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    if meta:
-        (path / "spear_lit.json").write_text(json.dumps(meta, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if meta:
+            (tmp / "spear_lit.json").write_text(json.dumps(meta, indent=2))
+        fsync_tree(tmp)
+        replace_dir(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"saving the policy to {path} failed ({e}); nothing was written there") from e
+        raise
     return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import shutil
 import sys
 from contextlib import suppress
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from spear_lit.atomic import fsync_dir, replace_dir, temp_sibling
 
 log = logging.getLogger("spear_lit")
 
@@ -72,7 +73,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: their own rules
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        tmp = temp_sibling(path)
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
@@ -84,27 +85,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
             raise
         fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: some filesystems refuse a directory fsync)."""
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished directory ``tmp`` to ``path``, replacing an older one. Two renames (a directory
-    cannot replace a non-empty one atomically); the old copy is deleted only once the new one is in place."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(trainer, path: str | Path) -> None:
@@ -119,7 +99,7 @@ def save_checkpoint(trainer, path: str | Path) -> None:
     if not getattr(trainer.strategy, "_save_distributed_checkpoint", False):
         trainer.save_checkpoint(path, weights_only=False)
         return
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.partial")  # the same name on every rank (no pid)
     trainer.save_checkpoint(tmp, weights_only=False)  # ends with a barrier: every shard is written
     if trainer.is_global_zero:
         replace_dir(tmp, path)
@@ -134,6 +114,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not p.exists():
         raise CheckpointError(f"ckpt_path={path}: no such file or directory")
     target = p / "meta.pt" if p.is_dir() else p
+    register_checkpoint_types()
     try:
         ckpt = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # text file, truncated file, foreign pickle ...

@@ -17,7 +17,8 @@ from spear_lit.training.dist import world
 
 
 def export_hf(learner, tokenizer, path: str | Path) -> Path:
-    """Save ``learner.model`` (gathered if sharded) with ``tokenizer`` to ``path`` on rank 0."""
+    """Save ``learner.model`` (gathered if sharded) with ``tokenizer`` to ``path`` on rank 0; a failed
+    write raises (``path`` keeps what it held before, never a half export)."""
     model = learner.model
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -29,7 +30,12 @@ def export_hf(learner, tokenizer, path: str | Path) -> Path:
             plain.load_state_dict(state, assign=True)
             model = plain
     if world()[0] == 0:
-        save_hf(model, tokenizer, path)
+        try:
+            save_hf(model, tokenizer, path)  # all or nothing (see save_hf)
+        except OSError as e:
+            raise RuntimeError(f"exporting the final policy failed: {e}. The trained weights are in the run's "
+                               "last checkpoint: `python -m spear_lit.training.export <run_dir>/checkpoints/"
+                               "last.ckpt <out dir>`") from e
     return Path(path)
 
 
