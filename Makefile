@@ -38,10 +38,10 @@ train: setup
 	$(BIN)/python train.py $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -n 2 -q $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q $(ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -n 2 -q -m "not gpu"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not gpu"
 
 bench: setup
 	$(BIN)/python bench/iteration_time.py $(ARGS)

@@ -181,8 +181,8 @@ class VLLMEngine:
                 "with one of them (e.g. model.tiny.hidden_size=128 with 4 heads) or rollout=hf")
         if self.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             problems.append(
-                "rollout.kv_cache_memory_bytes=null: on CPU vLLM would size its KV cache as "
-                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} of host memory; set "
+                "rollout.kv_cache_memory_bytes=null: on CPU vLLM would reserve rollout.gpu_memory_utilization="
+                f"{self.gpu_memory_utilization or 'null (vLLM: 0.9)'} of host memory; set "
                 "rollout.kv_cache_memory_bytes (e.g. 1073741824 = 1 GiB; rollout=vllm_cpu does)")
         if self.seed is not None and self.enable_chunked_prefill is not False:
             problems.append(
