@@ -27,7 +27,7 @@ class P50Baseline(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)
-        if record is not None and record["group_means"]:
+        if record is not None and record["group_means"] and record["iteration"] not in self.history.steps:
             self.history.add(record["iteration"], record["group_means"], record["group_stds"])
 
     def state_dict(self) -> dict:

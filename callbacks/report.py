@@ -56,22 +56,14 @@ class IterationReport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)
-        if record is None:
-            return
+        if record is None or (self.rows and self.rows[-1]["iteration"] >= record["iteration"]):
+            return  # not an iteration's end, or its row exists (a resumed run replays the record once)
         now = time.perf_counter()
         row = {"iteration": record["iteration"], "optimizer_steps": trainer.global_step}
-        train = pl_module.pop_iteration_metrics()
-        keys = sorted(train)
-        reduced = all_reduce([train[k] for k in keys], "sum") / trainer.world_size if keys else []
-        row.update({k: float(v) for k, v in zip(keys, reduced)})
-        row.update(record["metrics"])
-        for k in ("perf/rollout_tokens_per_s", "rollout/reward_mean", "rollout/success_rate",
-                  "rollout/toolcall_bonus_mean", "rollout/tool_calls_mean", "rollout/response_len_mean",
-                  "rollout/turns_mean"):
-            if k in row:  # per-rank rollout statistics → global means
-                row[k] = float(all_reduce([row[k]], "sum")[0]) / trainer.world_size
-        train_s = row.pop("perf/train_s", 0.0)
-        tokens = row.pop("perf/train_tokens", 0.0) * trainer.world_size  # means over ranks → global tokens
+        row.update(pl_module.pop_iteration_metrics())  # step metrics are already global (learner)
+        row.update(record["metrics"])  # rollout, filter, buffer metrics are already global (data module)
+        train_s = float(all_reduce([row.pop("perf/train_s", 0.0)], "max")[0])
+        tokens = float(all_reduce([row.pop("perf/train_tokens", 0.0)], "sum")[0])
         row["perf/train_tokens_per_s"] = tokens / train_s if train_s else float("nan")
         row["sched/sil_coef"] = pl_module.sil_coef
         row["perf/iteration_s"] = now - self._last

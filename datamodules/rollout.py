@@ -7,9 +7,19 @@ only when the learner pulls the first mini-batch after the last one of ``t`` (``
 the data-loader iterator, so Lightning cannot prefetch): rollouts of ``t`` always use the weights
 after the last optimizer step of ``t-1``.
 
-Multi-process: each rank rolls out its own prompts (a group never spans ranks) and keeps its own
-replay buffer; step counts, micro-batch counts, normalizers and replay decisions are agreed with
-collectives so every rank runs the same optimizer steps (DESIGN.md, "Rules").
+Multi-process (DESIGN.md, "Rules"): the iteration's prompts are drawn once and sharded, each rank rolling
+out its own groups (a group never spans ranks). Every decision SPEAR_SPEC takes over "the iteration" or
+"the buffer" is taken over all ranks, identically on each: the low-variance group filter ranks the
+iteration's ``G`` groups by their per-trajectory reward std; the replay buffer is global
+(:mod:`datamodules.replay`); the P50 history and every ``rollout/``, ``filter/``, ``buffer/`` metric are
+over all ranks. Mini-batches are ranges of the *global* row order (rank 0's rows, then rank 1's, ...),
+so an optimizer step sees the same rows whether they are spread over 1, 2 or 4 ranks; a rank with no row
+in a step takes part with an empty micro-batch, so every rank runs the same steps.
+
+Resume anywhere: a mini-batch stays in the saved queue until its optimizer step has completed
+(``MiniBatch.done``), and the last one of an iteration until the callbacks have consumed the iteration's
+record (``MiniBatch.record_done``), so a checkpoint written at any point resumes without losing or
+repeating a step.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.replay import ShardedReplay
 from spear_lit.algos import has_repeated_ngrams, is_overlong, is_unreadable, low_variance_group_mask
 from spear_lit.rollout.agent import Sample
 from spear_lit.rollout.batch import TokenBatch
@@ -53,11 +64,13 @@ class RolloutDataModule(L.LightningDataModule):
         temperature, top_p: training sampling parameters.
         filters: switches of the response filters (SPEAR_SPEC §8): ``overlong``, ``incomplete``,
             ``repetitive``, ``unreadable``.
-        group_keep_ratio: low-variance group filter (1.0 keeps every group).
-        replay: a ``spear_lit.algos.ReplayBuffer`` (``None`` = no self-imitation).
-        seed: everything random in an iteration is seeded by ``(seed, t, rank)``, so a resumed run
-            rolls out exactly what the uninterrupted one would have.
+        group_keep_ratio: low-variance group filter (1.0 keeps every group), over all ranks' groups.
+        replay: a ``spear_lit.algos.ReplayBuffer`` (``None`` = no self-imitation), held over all ranks
+            (:class:`datamodules.replay.ShardedReplay`).
+        seed: everything random in an iteration is seeded by ``(seed, t)`` (prompts, replay draw) or
+            ``(seed, t, rank)`` (sampling), so a resumed run rolls out exactly what the uninterrupted one would.
         val_temperature, val_top_p, val_max_problems: validation sampling and size.
+        val_group_size: samples per validation problem (``k`` of avg@k; 32 for AIME); greedy uses one.
     """
 
     def __init__(self, agent, engine, *, advantage: Callable,
@@ -66,14 +79,15 @@ class RolloutDataModule(L.LightningDataModule):
                  max_response_len: int = 512, temperature: float = 1.0, top_p: float = 1.0,
                  filters: dict[str, bool] | None = None, group_keep_ratio: float = 1.0, replay=None,
                  seed: int = 0, val_temperature: float = 1.0, val_top_p: float = 1.0,
-                 val_max_problems: int | None = None):
+                 val_max_problems: int | None = None, val_group_size: int = 1):
         super().__init__()
         unknown = set(filters or {}) - set(FILTERS)
         if unknown:
             raise ValueError(f"data.filters: unknown filter(s) {sorted(unknown)}; allowed: {list(FILTERS)}")
         for name, v in dict(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
                             group_size=group_size, mini_batch_rows=mini_batch_rows,
-                            micro_batch_rows=micro_batch_rows, max_response_len=max_response_len).items():
+                            micro_batch_rows=micro_batch_rows, max_response_len=max_response_len,
+                            val_group_size=val_group_size).items():
             if int(v) < 1:
                 raise ValueError(f"data.{name}={v}: must be a positive integer")
         if not 0 < group_keep_ratio <= 1:
@@ -85,8 +99,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.L = max_response_len
         self.temperature, self.top_p = temperature, top_p
         self.filters = {f: bool((filters or {}).get(f, False)) for f in FILTERS}
-        self.group_keep_ratio, self.replay, self.seed = group_keep_ratio, replay, seed
+        self.group_keep_ratio, self.seed = group_keep_ratio, seed
+        self.replay = ShardedReplay(replay) if replay is not None else None
         self.val_temperature, self.val_top_p, self.val_max_problems = val_temperature, val_top_p, val_max_problems
+        self.val_group_size = val_group_size
         self.learner = None
         self.tokenizer = None
         self.baseline = None  # a BaselineHistory, attached by the P50Baseline callback
@@ -103,7 +119,7 @@ class RolloutDataModule(L.LightningDataModule):
     @property
     def upcoming_iteration(self) -> int:
         """The iteration the next pulled mini-batch belongs to (schedules are evaluated at it)."""
-        return self.iteration if self.queue else self.iteration + 1
+        return self.iteration if any(m.pending for m in self.queue) else self.iteration + 1
 
     def train_dataloader(self):
         if self.learner is None:
@@ -112,6 +128,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _steps(self):
         while True:
+            while self.queue and not self.queue[0].pending:  # applied, and its record (if any) consumed
+                self.queue.pop(0)
             if not self.queue:
                 if self.iteration >= self.iterations:
                     return
@@ -123,7 +141,7 @@ class RolloutDataModule(L.LightningDataModule):
                         self.replay.load_state_dict(replay_state)
                     raise
                 self.iteration += 1
-            yield self.queue.pop(0)
+            yield self.queue[0]  # stays queued (and in checkpoints) until its step has completed
 
     # ------------------------------------------------------------------ one iteration
     def build_iteration(self, t: int) -> list[MiniBatch]:
@@ -133,22 +151,21 @@ class RolloutDataModule(L.LightningDataModule):
         if self.B % ws:
             raise ValueError(f"data.prompts_per_iteration={self.B} must be divisible by the world size {ws}")
         samples, gen_s = self._rollout(t, rank, ws)
-        rows, stats = self._score(samples, t, rank, ws)
-        keep = low_variance_group_mask(rows["rewards"], rows["group_ids"], keep_ratio=self.group_keep_ratio)
-        stats["filter/groups_dropped"] = float(len(set(rows["group_ids"][~keep].tolist())))
+        rows = self._score(samples, t)
+        keep, dropped = self._group_filter(rows)
         kept = keep.nonzero().flatten().tolist()
         batch = TokenBatch.from_rows([rows["dicts"][i] for i in kept], self.tokenizer.pad_token_id)
         if len(batch):
             batch.advantages = self.advantage(batch.rewards, batch.group_ids, rows["step_returns"][kept],
                                               rows["anchor_ids"][kept]).float()
+        stats = self._rollout_stats(samples, rows, gen_s)
+        stats["filter/groups_dropped"] = float(dropped)
         steps = self._on_policy_steps(batch, t)
         replay_steps, replay_stats = self._replay_steps(batch, t)
-        episode_ids = rows["episode_ids"][kept]
-        group_means, group_stds = _group_stats(batch.rewards, batch.group_ids, episode_ids)
-        gathered = all_gather_objects((group_means, group_stds))
         stats.update(replay_stats)
-        stats["perf/rollout_tokens_per_s"] = stats.pop("_gen_tokens") / max(gen_s, 1e-9)
-        stats["perf/rollout_s"] = gen_s
+        first = _first_rows_of_episodes(rows["episode_keys"][kept].tolist())
+        group_means, group_stds = _group_stats(rows["traj_rewards"][kept][first], rows["group_ids"][kept][first])
+        gathered = all_gather_objects((group_means, group_stds))
         stats["perf/build_s"] = time.perf_counter() - start
         all_steps = steps + replay_steps
         all_steps[-1].iteration_record = {
@@ -171,21 +188,28 @@ class RolloutDataModule(L.LightningDataModule):
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(self.seed, t, rank, "train"))
+            # the iteration's B prompts are drawn once from (seed, t) and sharded: no repeats across ranks
             samples = self.agent.collect(
-                self.engine, self.tokenizer, t=t, seed=_seed(self.seed, t, rank, "problems"),
-                num_groups=self.B // ws, group_size=self.n, max_response_len=self.L,
+                self.engine, self.tokenizer, t=t, seed=_seed(self.seed, t, "problems"), num_groups=self.B,
+                group_size=self.n, shard=(rank, ws), max_response_len=self.L,
                 temperature=self.temperature, top_p=self.top_p, sync=sync)
         self.engine.release()  # e.g. vLLM sleeps so the learner's forward/backward get the GPU memory
         return samples, time.perf_counter() - start
 
-    def _score(self, samples: list[Sample], t: int, rank: int, ws: int):
-        """Rewards (task score + tool bonus), filter flags and row dicts of the iteration's samples."""
+    def _score(self, samples: list[Sample], t: int) -> dict:
+        """Rewards (task score + tool bonus), filter flags and row dicts of this rank's samples.
+
+        ``rewards [N]`` are the rows' rewards (a step row includes its own invalid-action penalty);
+        ``traj_rewards [N]`` the reward of each row's trajectory (one value per episode, SPEAR_SPEC §5.1,
+        §8.5): what group statistics use.
+        """
         score = torch.tensor([s.score for s in samples], dtype=torch.float)
+        traj_score = torch.tensor([s.score if s.episode_score is None else s.episode_score for s in samples],
+                                  dtype=torch.float)
         correct = torch.tensor([s.success for s in samples])
         calls = torch.tensor([s.num_tool_calls for s in samples])
         bonus = (self.toolcall_bonus(calls, correct, self.tool_reward_weight) if self.toolcall_bonus
                  else torch.zeros_like(score))
-        rewards = score + bonus
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         flags = {
             "overlong": is_overlong(lengths, self.L),
@@ -197,8 +221,8 @@ class RolloutDataModule(L.LightningDataModule):
         for name, on in self.filters.items():
             if on:
                 valid &= ~flags[name]
-        base = (t * ws + rank) * (self.B // ws)  # global uid: groups never span ranks or iterations
-        group_ids = torch.tensor([base + s.group for s in samples], dtype=torch.long)
+        rewards = score + bonus
+        group_ids = torch.tensor([t * self.B + s.group for s in samples], dtype=torch.long)  # global uid
         anchors: dict[tuple[int, str], int] = {}
         anchor_ids = torch.tensor([anchors.setdefault((s.group, s.anchor), len(anchors)) if s.anchor is not None
                                    else -1 - i for i, s in enumerate(samples)], dtype=torch.long)
@@ -206,26 +230,57 @@ class RolloutDataModule(L.LightningDataModule):
                   "response_mask": [m * int(v) for m in s.response_mask], "group_id": int(g), "reward": float(r),
                   "num_tool_calls": s.num_tool_calls}
                  for s, v, g, r in zip(samples, valid.tolist(), group_ids, rewards)]
-        first = _first_rows_of_episodes(samples)  # episode-level metrics count each trajectory once
-        stats = {
-            "rollout/reward_mean": rewards[first].mean(), "rollout/success_rate": correct[first].float().mean(),
-            "rollout/toolcall_bonus_mean": bonus[first].mean(), "rollout/tool_calls_mean": calls[first].float().mean(),
-            "rollout/response_len_mean": lengths.float().mean(),
-            "rollout/turns_mean": torch.tensor([float(samples[i].turns) for i in first]).mean(),
-            **{f"filter/{k}": v.float().sum() for k, v in flags.items()},
-            "sched/tool_reward_weight": self.tool_reward_weight,
-            "_gen_tokens": float(sum(sum(s.response_mask) for s in samples)),
-        }
-        rows = {"rewards": rewards, "group_ids": group_ids, "dicts": dicts, "anchor_ids": anchor_ids,
+        return {"rewards": rewards, "traj_rewards": traj_score + bonus, "group_ids": group_ids, "dicts": dicts,
+                "anchor_ids": anchor_ids, "flags": flags, "correct": correct, "calls": calls, "bonus": bonus,
+                "lengths": lengths,
                 "step_returns": torch.tensor([s.step_return for s in samples], dtype=torch.float),
-                "episode_ids": torch.tensor([s.episode for s in samples], dtype=torch.long)}
-        return rows, {k: float(v) for k, v in stats.items()}
+                "episode_keys": torch.tensor([s.episode for s in samples], dtype=torch.long)}
+
+    def _group_filter(self, rows: dict) -> tuple[torch.Tensor, int]:
+        """Low-variance group filter over the iteration's groups of all ranks (SPEAR_SPEC §8.5): gather one
+        reward per trajectory with its group id, decide once (identically on every rank), apply locally.
+        Returns this rank's row mask ``bool[N]`` and the number of groups dropped over all ranks."""
+        n = len(rows["group_ids"])
+        if self.group_keep_ratio >= 1.0:
+            return torch.ones(n, dtype=torch.bool), 0
+        first = _first_rows_of_episodes(rows["episode_keys"].tolist())
+        parts = all_gather_objects((rows["group_ids"][first].tolist(), rows["traj_rewards"][first].tolist()))
+        gids = torch.tensor([g for p in parts for g in p[0]], dtype=torch.long)  # rank order = global order
+        rewards = torch.tensor([r for p in parts for r in p[1]], dtype=torch.float)
+        kept = set(gids[low_variance_group_mask(rewards, gids, keep_ratio=self.group_keep_ratio)].tolist())
+        keep = torch.tensor([g in kept for g in rows["group_ids"].tolist()], dtype=torch.bool)
+        return keep, len(set(gids.tolist()) - kept)
+
+    def _rollout_stats(self, samples: list[Sample], rows: dict, gen_s: float) -> dict[str, float]:
+        """``rollout/*``, ``filter/*`` and rollout speed over all ranks (one all-reduce).
+
+        Episode-level metrics count each trajectory once (its first row); lengths are per row."""
+        first = _first_rows_of_episodes(rows["episode_keys"].tolist())
+        ep = {"rollout/reward_mean": rows["traj_rewards"][first], "rollout/success_rate": rows["correct"][first],
+              "rollout/toolcall_bonus_mean": rows["bonus"][first], "rollout/tool_calls_mean": rows["calls"][first],
+              "rollout/turns_mean": torch.tensor([float(samples[i].turns) for i in first])}
+        flags = {f"filter/{k}": v for k, v in rows["flags"].items()}
+        sums = [float(v.float().sum()) for v in (*ep.values(), *flags.values())]
+        gen_tokens = float(sum(sum(s.response_mask) for s in samples))
+        local = [*sums, len(first), float(rows["lengths"].sum()), len(samples), gen_tokens]
+        total = all_reduce(local, "sum").tolist()
+        n_ep, len_sum, n_rows, tokens = total[-4:]
+        out = {k: v / max(n_ep, 1) for k, v in zip(ep, total)}
+        out.update(zip(flags, total[len(ep):len(ep) + len(flags)]))
+        out["rollout/response_len_mean"] = len_sum / max(n_rows, 1)
+        out["sched/tool_reward_weight"] = self.tool_reward_weight
+        slowest = float(all_reduce([gen_s], "max")[0])
+        out["perf/rollout_s"] = slowest
+        out["perf/rollout_tokens_per_s"] = tokens / max(slowest, 1e-9)
+        return out
 
     # ------------------------------------------------------------------ batching
     def _on_policy_steps(self, batch: TokenBatch, t: int) -> list[MiniBatch]:
         """Old log-probs, then ``ppo_epochs`` passes of mini-batches; identical step counts on all ranks."""
         self._fill_old_logp(batch)
-        steps = self._mini_batches(batch, "on_policy", t)
+        counts = all_gather_objects(len(batch))
+        offset = sum(counts[:world()[0]])
+        steps = self._mini_batches(batch, list(range(offset, offset + len(batch))), sum(counts), "on_policy", t)
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
 
@@ -240,10 +295,16 @@ class RolloutDataModule(L.LightningDataModule):
             batch.old_logp[offset:offset + len(part)] = old
             offset += len(part)
 
-    def _mini_batches(self, batch: TokenBatch, kind: str, t: int) -> list[MiniBatch]:
-        """One optimizer step per ``mini_batch_rows`` rows (over all ranks); every rank gets the same count."""
-        size = max(1, self.mini_batch_rows // world()[1])
-        return [self._minibatch(self._micro_split(c), kind, t) for c in _agreed_chunks(batch, size, at_least=0)]
+    def _mini_batches(self, batch: TokenBatch, positions: list[int], total: int, kind: str, t: int
+                      ) -> list[MiniBatch]:
+        """One optimizer step per ``mini_batch_rows`` rows of the global row order: step ``j`` holds global
+        rows ``[j·M, (j+1)·M)``; ``positions`` are this rank's rows' global indices (ascending), ``total``
+        the rows over all ranks. Every rank gets the same number of steps."""
+        size = self.mini_batch_rows
+        pos = torch.tensor(positions, dtype=torch.long)
+        return [self._minibatch(self._micro_split(batch.select(((pos >= j * size) & (pos < (j + 1) * size))
+                                                               .nonzero().flatten())), kind, t)
+                for j in range(math.ceil(total / size))]
 
     def _micro_split(self, chunk: TokenBatch) -> list[TokenBatch]:
         """Split into micro-batches; every rank returns the same count (padding with empty ones)."""
@@ -258,7 +319,14 @@ class RolloutDataModule(L.LightningDataModule):
         return MiniBatch(micro_batches=micro, kind=kind, norm=norm, iteration=t, empty=g_rows == 0)
 
     def _replay_steps(self, batch: TokenBatch, t: int) -> tuple[list[MiniBatch], dict]:
-        """Replay decision from the buffer before this iteration's insertion, then buffer maintenance."""
+        """Replay decision from the buffer before this iteration's insertion, then buffer maintenance.
+
+        All of it over the union of the ranks' buffers (SPEAR_SPEC §5.4): ``N⁺``, the trigger, ``K`` and the
+        seeded draw are the same on every rank. Each rank replays the drawn rows it holds, at their
+        places in the draw order; a rank holding none of a step's rows runs that step with an empty
+        micro-batch. So replay is never skipped for lack of rows on a rank (the spec's fallback): every rank
+        still runs the same replay steps, and the result does not depend on the number of ranks.
+        """
         stats: dict[str, float] = {}
         if self.replay is None:
             return [], stats
@@ -266,36 +334,31 @@ class RolloutDataModule(L.LightningDataModule):
         p50_std = self.baseline.p50_std() if self.baseline is not None else None
         stats["baseline/p50"] = float("nan") if p50 is None else p50
         stats["buffer/above_p50"] = float(self.replay.count_above(p50))
-        fire = bool(all_reduce([float(self.replay.should_replay(p50))], "max")[0])
         steps: list[MiniBatch] = []
         replayed = 0
-        if fire:
-            g = torch.Generator().manual_seed(_seed(self.seed, t, world()[0], "replay"))
-            items, adv = self.replay.sample(p50, p50_std, generator=g)
-            if all_reduce([len(items)], "min")[0] > 0:  # every rank needs at least one row (SPEAR_SPEC §5.4)
-                steps = self._mini_batches(TokenBatch.from_rows(items, self.tokenizer.pad_token_id, adv), "replay", t)
-                replayed = len(items)
-        self._insert(batch, t)
-        stats["buffer/replayed"] = float(all_reduce([replayed], "sum")[0])
-        stats["buffer/size"] = float(all_reduce([len(self.replay)], "sum")[0])
+        if self.replay.should_replay(p50):
+            g = torch.Generator().manual_seed(_seed(self.seed, t, "replay"))  # the same draw on every rank
+            rows, adv, positions, replayed = self.replay.sample(p50, p50_std, generator=g)
+            if replayed:
+                mine = TokenBatch.from_rows(rows, self.tokenizer.pad_token_id, adv)
+                steps = self._mini_batches(mine, positions, replayed, "replay", t)
+        self.replay.add(t, batch)
+        stats["buffer/replayed"] = float(replayed)
+        stats["buffer/size"] = float(len(self.replay))
         return steps, stats
-
-    def _insert(self, batch: TokenBatch, t: int) -> None:
-        items = [batch.row(i) for i in range(len(batch))]
-        valid = batch.response_mask.sum(1) > 0
-        self.replay.add(t, batch.rewards, batch.advantages, items, valid=valid, num_tool_calls=batch.num_tool_calls)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self, t: int, *, greedy: bool) -> float:
-        """Success rate on the agent's held-out items (all ranks together), greedy or sampled."""
+        """Success rate on the agent's held-out items (all ranks together), greedy or avg@k sampled."""
         rank, ws = world()
         sync = self._sampling()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(self.seed, t, rank, "val"))
             wins, n = self.agent.evaluate(self.engine, self.tokenizer, shard=(rank, ws), limit=self.val_max_problems,
                                           max_response_len=self.L, temperature=self.val_temperature,
-                                          top_p=self.val_top_p, greedy=greedy, sync=sync)
+                                          top_p=self.val_top_p, greedy=greedy, sync=sync,
+                                          samples=1 if greedy else self.val_group_size)
         self.engine.release()
         c, n = all_reduce([wins, n], "sum").tolist()
         return c / max(n, 1)
@@ -307,16 +370,17 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        """Iteration counter, pending mini-batches and every rank's replay buffer (gathered: Lightning
-        writes only rank 0's data-module state, so rank-local state must travel inside it)."""
-        mine = {"queue": self.queue, "replay": self.replay.state_dict() if self.replay is not None else None}
+        """Iteration counter, pending mini-batches and every rank's replay rows (gathered: Lightning writes
+        only rank 0's data-module state, so rank-local state must travel inside it). A completed step is
+        not pending; the last step of an iteration stays until its record has been consumed."""
+        mine = {"queue": [m for m in self.queue if m.pending], "replay": self.replay.state_dict() if self.replay is not None else None}
         return {"iteration": self.iteration, "ranks": all_gather_objects(mine)}
 
     def load_state_dict(self, state: dict) -> None:
         rank, ws = world()
         if len(state["ranks"]) != ws:
             raise ValueError(f"checkpoint was written by {len(state['ranks'])} ranks; resuming on {ws} is not supported "
-                             "(replay buffers are rank-local)")
+                             "(the replay rows and pending mini-batches are held per rank)")
         self.iteration = state["iteration"]
         mine = state["ranks"][rank]
         self.queue = mine["queue"]
@@ -332,21 +396,18 @@ class _Steps(IterableDataset):
         return self.dm._steps()
 
 
-def _first_rows_of_episodes(samples: list[Sample]) -> list[int]:
+def _first_rows_of_episodes(episode_keys: list[int]) -> list[int]:
+    """Index of the first row of each trajectory (rows of one episode share its key)."""
     seen: set[int] = set()
-    return [i for i, s in enumerate(samples) if not (s.episode in seen or seen.add(s.episode))]
+    return [i for i, e in enumerate(episode_keys) if not (e in seen or seen.add(e))]
 
 
-def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, episode_ids: torch.Tensor):
-    """Per-group mean and (unbiased, 0 for singletons) std of trajectory rewards, one value per episode
-    (SPEAR_SPEC §5.1; step-wise agents have several rows per episode, all with its reward)."""
+def _group_stats(traj_rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-group mean and (unbiased, 0 for singletons) std of trajectory rewards ``[E]`` (one per episode,
+    SPEAR_SPEC §5.1), in order of first appearance."""
     means, stds = [], []
-    for g in group_ids.unique().tolist():
-        in_group = (group_ids == g).nonzero().flatten().tolist()
-        seen: dict[int, float] = {}
-        for i in in_group:
-            seen.setdefault(int(episode_ids[i]), float(rewards[i]))
-        r = torch.tensor(list(seen.values()))
+    for g in dict.fromkeys(group_ids.tolist()):
+        r = traj_rewards[group_ids == g]
         means.append(float(r.mean()))
         stds.append(float(r.std()) if len(r) > 1 else 0.0)
     return means, stds

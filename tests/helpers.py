@@ -75,11 +75,11 @@ class AsymmetricFilter(L.Callback):
         original = dm._score
 
         def score(*args, **kwargs):
-            rows, stats = original(*args, **kwargs)
+            rows = original(*args, **kwargs)
             for i, r in enumerate(rows["dicts"]):
                 if i % 2:
                     r["response_mask"] = [0] * len(r["response_mask"])
-            return rows, stats
+            return rows
 
         dm._score = score
 

@@ -135,7 +135,7 @@ def _check_paper_settings(name: str, cfg, learner, data, callbacks):
         rep = policy.replay_objective
         assert rep.func.__name__ == "clip_cov_loss" and rep.keywords["clip_high"] == 0.28
         assert (rep.keywords["ratio"], rep.keywords["lb"], rep.keywords["ub"]) == (0.02, 2.0, 60.0)
-        r = data.replay
+        r = data.replay.buffer
         assert (r.capacity, r.tolerate_steps, r.trigger_factor, r.decay, r.norm_by_std) == (2048, 5, 1.5, -1.0, False)
         assert not r.require_tool_call
         sil = by_type["SILWarmup"]
@@ -204,9 +204,11 @@ def test_webshop_tiny_spear_trains_end_to_end(tmp_path):
     _, objs = train(cfg)
     rows = _metrics(tmp_path)
     assert [int(r["iteration"]) for r in rows] == [1, 2]
-    # a random byte policy never writes an action: 2 x 2 episodes of 3 invalid steps, reward -0.1 each
+    # a random byte policy never writes an action: 2 x 2 episodes of 3 invalid steps; each step row costs
+    # -0.1, but a trajectory's reward (what rollout/reward_mean and group statistics use) is its
+    # environment reward, 0 (SPEAR_SPEC §5.1, §8.5: one value per trajectory)
     assert all(float(r["rollout/turns_mean"]) == 3 and float(r["rollout/success_rate"]) == 0 for r in rows)
-    assert all(float(r["rollout/reward_mean"]) == pytest.approx(-0.1) for r in rows)
+    assert all(float(r["rollout/reward_mean"]) == pytest.approx(0.0) for r in rows)
     assert "val/webshop/accuracy" in rows[0] and "val/webshop/accuracy_sampled" in rows[0]
     assert objs["trainer"].global_step >= 2
     assert time.monotonic() - start < 40
@@ -244,7 +246,7 @@ def test_gigpo_step_term_reaches_rows_of_a_group_that_share_an_anchor(tmp_path):
     samples = [row(0, 0, 10.0, 9.5, "A"), row(0, 0, 10.0, 10.0, "B"),  # group 0, episode 0: won (reward 10)
                row(0, 1, 0.0, 0.0, "A"), row(0, 1, 0.0, 0.0, "C"),     # group 0, episode 1: lost, started in A too
                row(1, 2, 0.0, 0.0, "A"), row(1, 2, 0.0, 0.0, "D")]     # group 1: same text "A", another group
-    rows, _ = data._score(samples, 1, 0, 1)
+    rows = data._score(samples, 1)
     adv = data.advantage(rows["rewards"], rows["group_ids"], rows["step_returns"], rows["anchor_ids"])
     # episode term, group 0 rows [10, 10, 0, 0]: mean 5, unbiased std sqrt(100/3) = 5.773503 -> +-0.866025;
     # group 1 rows [0, 0]: 0. Step term, step group (0, "A") = returns [9.5, 0]: mean 4.75, std 6.717514

@@ -138,7 +138,7 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
     assert data.group_keep_ratio == (1.0 if option == "aime_32b_grpo" else 0.75)
     tool = by_type["ToolRewardSchedule"]
     if spear:
-        r = data.replay
+        r = data.replay.buffer
         assert (r.capacity, r.tolerate_steps, r.decay) == (2048, 5, -1.0)
         sil = by_type["SILWarmup"]
         assert (sil.peak, sil.total) == (1.0, 300)

@@ -98,10 +98,11 @@ def test_replay_steps_follow_on_policy_with_stored_logp_replay_triple_and_coeffi
                                  f"+callbacks.log.out_dir={tmp_path}/steps"])
     _, objs = train(cfg)
     # rows enter the buffer with the old log-probs computed before the iteration's first update
-    for entry in objs["data"].replay.state_dict()["entries"]:
-        for item in entry["items"]:
-            m = item["response_mask"].bool()
-            assert m.any() and (item["old_logp"][m] <= 0).all() and (item["old_logp"][m] < 0).any()
+    replay = objs["data"].replay
+    assert replay.rows and len(replay.rows) == len(replay)  # one rank: every stored row's payload is here
+    for item in replay.rows.values():
+        m = item["response_mask"].bool()
+        assert m.any() and (item["old_logp"][m] <= 0).all() and (item["old_logp"][m] < 0).any()
     import json
     log = json.loads((tmp_path / "steps" / "rank0.json").read_text())
     kinds = {int(t): [s.split(":")[0] for s in v] for t, v in log["steps"].items()}

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Callable
 
 from spear_lit.envs.base import TextEnv
-from spear_lit.rollout.agent import Sample
+from spear_lit.rollout.agent import Sample, shard_range
 from spear_lit.rollout.env_loop import (
     EnvEpisode,
     HistoryItem,
@@ -120,13 +120,15 @@ class EnvAgent:
 
     def collect(self, engine, tokenizer, *, t: int, seed: int, num_groups: int, group_size: int,
                 max_response_len: int, temperature: float, top_p: float, greedy: bool = False,
-                sync=None) -> list[Sample]:
-        """One row per step of ``num_groups × group_size`` episodes; a group's episodes share a task id."""
-        tasks = self.draw_tasks(seed, num_groups)
+                sync=None, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
+        """One row per step of this rank's share of ``num_groups × group_size`` episodes (tasks drawn once
+        for all ranks from ``seed``, then sharded); a group's episodes share a task id."""
+        lo, hi = shard_range(num_groups, shard)
+        tasks = self.draw_tasks(seed, num_groups)[lo:hi]
         task_ids = [task for task in tasks for _ in range(group_size)]
         episodes = self._run(engine, tokenizer, self.train_split, task_ids, max_response_len=max_response_len,
                              temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
-        groups = [k // group_size for k in range(len(task_ids))]
+        groups = [lo + k // group_size for k in range(len(task_ids))]
         samples = episodes_to_samples(episodes, groups, invalid_penalty=self.invalid_penalty, gamma=self.gamma)
         self.last_stats = {
             "episodes": len(episodes), "failed": sum(e.error is not None for e in episodes),
@@ -136,14 +138,19 @@ class EnvAgent:
         return samples
 
     def evaluate(self, engine, tokenizer, *, shard: tuple[int, int], limit: int | None, max_response_len: int,
-                 temperature: float, top_p: float, greedy: bool, sync=None) -> tuple[int, int]:
-        """Validation tasks ``0..N-1`` (``[:limit]``), this rank's ``[rank::world]``, ``eval_envs`` at a time;
-        every rank runs the same number of chunks so ``sync`` stays matched. Failed episodes count as lost."""
+                 temperature: float, top_p: float, greedy: bool, sync=None, samples: int = 1) -> tuple[int, int]:
+        """``samples`` episodes of each validation task ``0..N-1`` (``[:limit]``): the ``N·k`` (task, sample)
+        pairs are dealt ``[rank::world]`` and run ``eval_envs`` at a time, so summed over ranks
+        ``wins / episodes`` is avg@k. Greedy always uses one sample. Every rank runs the same number of
+        chunks so ``sync`` stays matched. Failed episodes count as lost."""
         rank, world = shard
+        k = 1 if greedy else samples
+        if k < 1:
+            raise ValueError(f"data.val_group_size={samples}: must be >= 1")
         total = self._num_tasks(self.val_split)
         if total is None and limit is None:
             raise ValueError(f"{self.name}: the validation environment has no task count; give a limit")
-        items = list(range(total if total is not None else limit))[:limit]
+        items = [task for task in list(range(total if total is not None else limit))[:limit] for _ in range(k)]
         mine = items[rank::world]
         chunks = math.ceil(math.ceil(len(items) / world) / self.eval_envs)
         wins = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from spear_lit.rollout.agent import Sample
+from spear_lit.rollout.agent import Sample, shard_range
 from spear_lit.rollout.chat import prompt_ids
 from spear_lit.rollout.tool_loop import run_tool_episodes
 from spear_lit.tasks.toolcall import has_final_answer
@@ -35,28 +35,52 @@ class ToolAgent:
         return episodes, texts, scores
 
     def collect(self, engine, tokenizer, *, t, seed, num_groups, group_size, max_response_len, temperature,
-                top_p, greedy=False, sync=None) -> list[Sample]:
-        problems = self.task.train_problems(num_groups, random.Random(seed))
+                top_p, greedy=False, sync=None, shard=(0, 1)) -> list[Sample]:
+        lo, hi = shard_range(num_groups, shard)
+        problems = self.task.train_problems(num_groups, random.Random(seed))[lo:hi]
         repeated = [p for p in problems for _ in range(group_size)]
         episodes, texts, scores = self._episodes(engine, tokenizer, repeated, max_response_len=max_response_len,
                                                  temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
         return [
             Sample(prompt_ids=e.prompt_ids, response_ids=e.response_ids, response_mask=e.response_mask,
-                   group=i // group_size, episode=i, score=s, success=s > 0, num_tool_calls=e.num_tool_calls,
+                   group=lo + i // group_size, episode=i, score=s, success=s > 0, num_tool_calls=e.num_tool_calls,
                    incomplete=not e.finished or not e.response_ids or not has_final_answer(e.last_turn_text),
                    text=x, turns=e.num_turns)
             for i, (e, x, s) in enumerate(zip(episodes, texts, scores))
         ]
 
     def evaluate(self, engine, tokenizer, *, shard, limit, max_response_len, temperature, top_p, greedy,
-                 sync=None) -> tuple[int, int]:
+                 sync=None, samples: int = 1, by_source: dict | None = None) -> tuple[int, int]:
+        """This rank's share of ``samples`` episodes of each validation problem ``[:limit]``.
+
+        The ``P·k`` (problem, sample) pairs are dealt round-robin over ranks, so summed over ranks
+        ``successes / episodes`` is avg@k (every problem counted exactly ``k`` times), and 128 ranks stay busy
+        even on AIME's 30 problems. Greedy decoding is deterministic: it always uses one sample.
+        ``by_source`` (optional) is filled with ``{source file: [successes, episodes]}`` for every source of
+        the validation set (zeros where this rank had none, so every rank holds the same keys).
+        """
         rank, world = shard
-        mine = self.task.val_problems()[:limit][rank::world]
+        k = 1 if greedy else samples
+        if k < 1:
+            raise ValueError(f"data.val_group_size={samples}: must be >= 1")
+        problems = self.task.val_problems()[:limit]
+        mine = [p for p in problems for _ in range(k)][rank::world]
         _, _, scores = self._episodes(engine, tokenizer, mine, max_response_len=max_response_len,
                                       temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
+        if by_source is not None:
+            for p in problems:
+                by_source.setdefault(_source(p), [0, 0])
+            for p, s in zip(mine, scores):
+                by_source[_source(p)][0] += int(s > 0)
+                by_source[_source(p)][1] += 1
         return sum(s > 0 for s in scores), len(mine)
 
     def close(self) -> None:
         close = getattr(self.tool, "close", None)
         if close:
             close()
+
+
+def _source(problem) -> str:
+    """The validation subset a problem belongs to (its file, for file tasks; else the whole set)."""
+    return str(problem.meta.get("source", "all")) if isinstance(problem.meta, dict) else "all"

@@ -268,7 +268,7 @@ def episodes_to_samples(episodes: Sequence[EnvEpisode], groups: Sequence[int], *
                 prompt_ids=s.prompt_ids, response_ids=s.response_ids, response_mask=[1] * len(s.response_ids),
                 group=int(group), episode=first_episode + k, score=total - penalty, success=ep.won,
                 num_tool_calls=ep.num_env_steps, incomplete=s.action is None, text=s.text,
-                step_return=g - penalty, anchor=s.anchor, turns=len(ep.steps), info=info,
+                step_return=g - penalty, anchor=s.anchor, turns=len(ep.steps), episode_score=total, info=info,
             ))
     return out
 

@@ -30,6 +30,8 @@ class MiniBatch:
         step_in_iteration, steps_in_iteration: position of the step within its iteration.
         iteration_record: set on the last step of an iteration: rollout metrics and group statistics
             that callbacks (baseline history, logging) consume after the step.
+        done, record_done: progress flags that keep the step in the data module's checkpointed queue
+            until it has been applied (and its record consumed): resume anywhere, nothing lost or repeated.
     """
 
     micro_batches: list[TokenBatch]
@@ -40,6 +42,13 @@ class MiniBatch:
     steps_in_iteration: int = 1
     iteration_record: dict | None = field(default=None)
     empty: bool = False  # no rows on any rank (e.g. every group was filtered out): no update
+    done: bool = False  # its optimizer step has completed (set by the learner): no longer pending
+    record_done: bool = False  # the callbacks have consumed its iteration_record (set after them)
+
+    @property
+    def pending(self) -> bool:
+        """Not yet applied, or applied but its iteration record not yet consumed by the callbacks."""
+        return not (self.done and (self.iteration_record is None or self.record_done))
 
     @property
     def is_replay(self) -> bool:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from spear_lit.algos import entropy_from_logits, logprobs_from_logits
 from spear_lit.rollout.batch import TokenBatch
+from spear_lit.training.dist import all_reduce
 from spear_lit.training.losses import TermInput
 from spear_lit.training.minibatch import MiniBatch
 
@@ -136,21 +137,29 @@ class PolicyLearner(PolicyModule):
         self.current_minibatch = None  # if the stream ends here (StopIteration), callbacks see no step
         mb: MiniBatch = next(dataloader_iter)[0]  # Lightning yields (batch, batch_idx, dataloader_idx)
         self.current_minibatch = mb
+        if mb.done:  # resumed after its step but before its record was consumed: only the callbacks rerun
+            return
         start = time.perf_counter()
         opt = self.optimizers()
-        sums: dict[str, float] = defaultdict(float)
-        local_tokens = sum(float(m.response_mask.sum()) for m in mb.micro_batches) or 1.0
+        additive: dict[str, float] = defaultdict(float)  # loss/* and train/loss: partial sums over ranks
+        weighted: dict[str, float] = defaultdict(float)  # token means: Σ value·tokens of each micro-batch
+        tokens = 0.0
         scale = self._loss_scale() * (self.sil_coef if mb.is_replay else 1.0)
         for k, micro in enumerate(mb.micro_batches):
             micro = micro.cropped().to(self.device)
             loss, metrics = self._micro_loss(micro, mb, k)
             self.manual_backward(loss * scale)
-            w = float(micro.response_mask.sum()) / local_tokens
+            w = float(micro.response_mask.sum())
+            tokens += w
             for name, v in metrics.items():
-                sums[name] += float(v) * (1.0 if name.startswith("loss/") or name == "train/loss" else w)
+                if name.startswith("loss/") or name == "train/loss":
+                    additive[name] += float(v)
+                else:
+                    weighted[name] += float(v) * w
         self._reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        sums = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
         elif math.isfinite(grad_norm) and all(math.isfinite(v) for k, v in sums.items() if k.startswith("loss")):
@@ -163,6 +172,12 @@ class PolicyLearner(PolicyModule):
         self._perf["perf/train_tokens"] += sum(float(m.attention_mask.sum()) for m in mb.micro_batches)
         self._perf["perf/train_s"] += time.perf_counter() - start
         self._record(sums, suffix="_replay" if mb.is_replay else "")
+        mb.done = True  # applied: a checkpoint from now on no longer holds it as pending
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Lightning calls this after every callback's on_train_batch_end: the iteration record is consumed.
+        if self.current_minibatch is not None:
+            self.current_minibatch.record_done = True
 
     def _micro_loss(self, micro: TokenBatch, mb: MiniBatch, k: int) -> tuple[torch.Tensor, dict]:
         logp, ent = self.token_stats(micro)
@@ -222,12 +237,27 @@ class PolicyLearner(PolicyModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["learner"] = {"sil_coef": self.sil_coef, "skipped_steps": self.skipped_steps}
+        # the metrics of the iteration's steps so far: a run resumed mid-iteration reports the whole iteration
+        checkpoint["learner"] = {"sil_coef": self.sil_coef, "skipped_steps": self.skipped_steps,
+                                 "iteration_metrics": {k: list(v) for k, v in self.iteration_metrics.items()},
+                                 "perf": dict(self._perf)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("learner", {})
         self.sil_coef = state.get("sil_coef", self.sil_coef)
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.iteration_metrics = defaultdict(list, {k: list(v) for k, v in state.get("iteration_metrics", {}).items()})
+        self._perf = dict(state.get("perf", self._perf))
+
+
+def _global_step_metrics(additive: dict[str, float], weighted: dict[str, float], tokens: float) -> dict[str, float]:
+    """One step's metrics over all ranks (one all-reduce): loss terms are sums of the ranks' parts (their
+    normalizers are global), the others token means. Every rank computes the same terms, hence the same keys."""
+    a, w = sorted(additive), sorted(weighted)
+    total = all_reduce([*(additive[k] for k in a), *(weighted[k] for k in w), tokens], "sum").tolist()
+    out = dict(zip(a, total[:len(a)]))
+    out.update({k: v / max(total[-1], 1.0) for k, v in zip(w, total[len(a):-1])})
+    return out
 
 
 def _is_model_parallel(module: L.LightningModule) -> bool:
