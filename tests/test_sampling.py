@@ -148,8 +148,6 @@ def test_hf_engine_greedy_is_the_argmax_despite_the_checkpoint_config(ckpt):
     assert out == ids[len(prompt):]
 
 
-@pytest.mark.xfail(strict=True, reason="PolicyLearner.old_logprobs runs in train mode (dropout on); the fix "
-                   "(eval() around it, train mode restored) belongs to spear_lit/training/module.py")
 def test_old_logprobs_are_computed_with_dropout_off(ckpt):
     from spear_lit.rollout.batch import TokenBatch
     from spear_lit.training.module import PolicyLearner

@@ -122,14 +122,20 @@ class PolicyLearner(PolicyModule):
 
     @torch.no_grad()
     def old_logprobs(self, micro_batches: list[TokenBatch]) -> list[torch.Tensor]:
-        """``old_logp [n, T]`` of each micro-batch under the current weights (SPEAR_SPEC §0 step 6)."""
+        """``old_logp [n, T]`` of each micro-batch under the current weights (SPEAR_SPEC §0 step 6), with
+        dropout off like sampling (the distribution the rows were drawn from)."""
         out = []
-        for b in micro_batches:
-            c = b.cropped().to(self.device)
-            logp, _ = self.token_stats(c, entropy=False)
-            full = torch.zeros_like(b.old_logp)
-            full[:, :logp.shape[1]] = logp.cpu()
-            out.append(full)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b in micro_batches:
+                c = b.cropped().to(self.device)
+                logp, _ = self.token_stats(c, entropy=False)
+                full = torch.zeros_like(b.old_logp)
+                full[:, :logp.shape[1]] = logp.cpu()
+                out.append(full)
+        finally:
+            self.model.train(was_training)
         return out
 
     # ---------------------------------------------------------------- one optimizer step
