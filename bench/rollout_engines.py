@@ -67,7 +67,8 @@ def main() -> None:
     print(f"| engine | {' | '.join(h for _, h in COLUMNS)} | process wall s | s/iteration vs {base} |")
     print("|" + "---|" * (len(COLUMNS) + 3))
     for e, runs in results.items():
-        cells = [f"{statistics.median(x[k] for x in runs):.3g}" for k, _ in COLUMNS]
+        meds = [statistics.median(x[k] for x in runs) for k, _ in COLUMNS]
+        cells = [f"{m:.0f}" if m >= 1000 else f"{m:.3g}" for m in meds]
         wall = statistics.median(x["wall_s"] for x in runs)
         ratio = statistics.median(x["perf/iteration_s"] for x in runs) / base_s
         print(f"| {e} | {' | '.join(cells)} | {wall:.0f} | {ratio:.2f}x |")
