@@ -24,6 +24,9 @@ SPEC_METRICS = [
     "sched/tool_reward_weight", "buffer/size", "buffer/above_p50", "buffer/replayed", "baseline/p50",
     "perf/rollout_tokens_per_s", "perf/train_tokens_per_s", "perf/iteration_s",
 ]
+# the per-phase breakdown of perf/iteration_s (seconds of rank 0, rollout: of the slowest rank)
+PHASES = ["perf/generation_s", "perf/tool_s", "perf/score_s", "perf/old_logp_s", "perf/update_s",
+          "perf/replay_update_s", "perf/validation_s"]
 PLOTTED = ["rollout/reward_mean", "rollout/success_rate", "policy/entropy", "sched/sil_coef", "sched/tool_reward_weight"]
 
 
@@ -65,8 +68,11 @@ class IterationReport(L.Callback):
         train_s = float(all_reduce([row.pop("perf/train_s", 0.0)], "max")[0])
         tokens = float(all_reduce([row.pop("perf/train_tokens", 0.0)], "sum")[0])
         row["perf/train_tokens_per_s"] = tokens / train_s if train_s else float("nan")
+        row["perf/validation_s"] = rollout_data(trainer).pop_validation_s()
         row["sched/sil_coef"] = pl_module.sil_coef
         row["perf/iteration_s"] = now - self._last
+        # what the named phases do not cover: checkpoints of the previous iteration, logging, collectives
+        row["perf/other_s"] = row["perf/iteration_s"] - sum(row.get(k, 0.0) for k in PHASES)
         row["perf/elapsed_s"] = now - self._t0
         self._last = now
         self.rows.append(row)

@@ -25,6 +25,7 @@ repeating a step.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import zlib
@@ -40,6 +41,8 @@ from spear_lit.rollout.agent import Sample
 from spear_lit.rollout.batch import TokenBatch
 from spear_lit.training.dist import all_gather_objects, all_reduce, world
 from spear_lit.training.minibatch import MiniBatch, Normalizers
+
+log = logging.getLogger(__name__)
 
 FILTERS = ("overlong", "incomplete", "repetitive", "unreadable")
 
@@ -71,6 +74,8 @@ class RolloutDataModule(L.LightningDataModule):
             ``(seed, t, rank)`` (sampling), so a resumed run rolls out exactly what the uninterrupted one would.
         val_temperature, val_top_p, val_max_problems: validation sampling and size.
         val_group_size: samples per validation problem (``k`` of avg@k; 32 for AIME); greedy uses one.
+        tool_failure_patience: stop the run (with an error) after this many consecutive iterations in which
+            every tool call failed in the sandbox itself (``tool/error_rate`` 1); 0 = never stop.
     """
 
     def __init__(self, agent, engine, *, advantage: Callable,
@@ -79,7 +84,7 @@ class RolloutDataModule(L.LightningDataModule):
                  max_response_len: int = 512, temperature: float = 1.0, top_p: float = 1.0,
                  filters: dict[str, bool] | None = None, group_keep_ratio: float = 1.0, replay=None,
                  seed: int = 0, val_temperature: float = 1.0, val_top_p: float = 1.0,
-                 val_max_problems: int | None = None, val_group_size: int = 1):
+                 val_max_problems: int | None = None, val_group_size: int = 1, tool_failure_patience: int = 3):
         super().__init__()
         unknown = set(filters or {}) - set(FILTERS)
         if unknown:
@@ -103,6 +108,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.replay = ShardedReplay(replay) if replay is not None else None
         self.val_temperature, self.val_top_p, self.val_max_problems = val_temperature, val_top_p, val_max_problems
         self.val_group_size = val_group_size
+        if tool_failure_patience < 0:
+            raise ValueError(f"data.tool_failure_patience={tool_failure_patience}: must be >= 0 (0 = never stop)")
+        self.tool_failure_patience, self.tool_failures = tool_failure_patience, 0  # consecutive all-failed iterations
+        self._val_s = 0.0
         self.learner = None
         self.tokenizer = None
         self.baseline = None  # a BaselineHistory, attached by the P50Baseline callback
@@ -115,6 +124,12 @@ class RolloutDataModule(L.LightningDataModule):
         """Bind the learner (its model exists only after ``configure_model``; the engine binds lazily)."""
         self.learner = learner
         self.tokenizer = learner.policy_source.tokenizer()
+        reply = getattr(self.agent, "min_reply", None)
+        if reply is not None:  # an L that cannot hold one useful reply trains on reward -1 only
+            need = len(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+            if self.L < need:
+                raise ValueError(f"max_response_len={self.L} cannot hold the shortest useful reply {reply!r} "
+                                 f"({need} tokens with EOS): learning is impossible; set max_response_len >= {need}")
 
     @property
     def upcoming_iteration(self) -> int:
@@ -151,6 +166,8 @@ class RolloutDataModule(L.LightningDataModule):
         if self.B % ws:
             raise ValueError(f"data.prompts_per_iteration={self.B} must be divisible by the world size {ws}")
         samples, gen_s = self._rollout(t, rank, ws)
+        agent_stats = self.agent.pop_stats() if hasattr(self.agent, "pop_stats") else {}
+        score_start = time.perf_counter()
         rows = self._score(samples, t)
         keep, dropped = self._group_filter(rows)
         kept = keep.nonzero().flatten().tolist()
@@ -158,9 +175,14 @@ class RolloutDataModule(L.LightningDataModule):
         if len(batch):
             batch.advantages = self.advantage(batch.rewards, batch.group_ids, rows["step_returns"][kept],
                                               rows["anchor_ids"][kept]).float()
-        stats = self._rollout_stats(samples, rows, gen_s)
+        score_s = time.perf_counter() - score_start
+        stats = self._rollout_stats(samples, rows, gen_s, agent_stats)
         stats["filter/groups_dropped"] = float(dropped)
+        self._check_tool(t, stats)
+        logp_start = time.perf_counter()
         steps = self._on_policy_steps(batch, t)
+        stats["perf/old_logp_s"] = time.perf_counter() - logp_start
+        stats["perf/score_s"] = score_s
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
         first = _first_rows_of_episodes(rows["episode_keys"][kept].tolist())
@@ -251,10 +273,11 @@ class RolloutDataModule(L.LightningDataModule):
         keep = torch.tensor([g in kept for g in rows["group_ids"].tolist()], dtype=torch.bool)
         return keep, len(set(gids.tolist()) - kept)
 
-    def _rollout_stats(self, samples: list[Sample], rows: dict, gen_s: float) -> dict[str, float]:
-        """``rollout/*``, ``filter/*`` and rollout speed over all ranks (one all-reduce).
+    def _rollout_stats(self, samples: list[Sample], rows: dict, gen_s: float, agent_stats: dict) -> dict[str, float]:
+        """``rollout/*``, ``filter/*``, ``tool/*`` and rollout timing over all ranks (two all-reduces).
 
-        Episode-level metrics count each trajectory once (its first row); lengths are per row."""
+        Episode-level metrics count each trajectory once (its first row); lengths are per row. The rollout
+        time splits into the slowest rank's time inside the tool and the rest (generation)."""
         first = _first_rows_of_episodes(rows["episode_keys"].tolist())
         ep = {"rollout/reward_mean": rows["traj_rewards"][first], "rollout/success_rate": rows["correct"][first],
               "rollout/toolcall_bonus_mean": rows["bonus"][first], "rollout/tool_calls_mean": rows["calls"][first],
@@ -262,17 +285,34 @@ class RolloutDataModule(L.LightningDataModule):
         flags = {f"filter/{k}": v for k, v in rows["flags"].items()}
         sums = [float(v.float().sum()) for v in (*ep.values(), *flags.values())]
         gen_tokens = float(sum(sum(s.response_mask) for s in samples))
-        local = [*sums, len(first), float(rows["lengths"].sum()), len(samples), gen_tokens]
+        calls, errors = float(agent_stats.get("calls", 0)), float(agent_stats.get("errors", 0))
+        local = [*sums, calls, errors, len(first), float(rows["lengths"].sum()), len(samples), gen_tokens]
         total = all_reduce(local, "sum").tolist()
-        n_ep, len_sum, n_rows, tokens = total[-4:]
+        calls, errors, n_ep, len_sum, n_rows, tokens = total[-6:]
         out = {k: v / max(n_ep, 1) for k, v in zip(ep, total)}
         out.update(zip(flags, total[len(ep):len(ep) + len(flags)]))
         out["rollout/response_len_mean"] = len_sum / max(n_rows, 1)
         out["sched/tool_reward_weight"] = self.tool_reward_weight
-        slowest = float(all_reduce([gen_s], "max")[0])
-        out["perf/rollout_s"] = slowest
+        if "calls" in agent_stats:
+            out["tool/calls"], out["tool/error_rate"] = calls, errors / calls if calls else 0.0
+        slowest, tool_s = all_reduce([gen_s, agent_stats.get("tool_s", 0.0)], "max").tolist()
+        out["perf/rollout_s"], out["perf/tool_s"], out["perf/generation_s"] = slowest, tool_s, slowest - tool_s
         out["perf/rollout_tokens_per_s"] = tokens / max(slowest, 1e-9)
         return out
+
+    def _check_tool(self, t: int, stats: dict) -> None:
+        """Make a failing tool visible: a warning for every iteration with sandbox failures, and an error
+        after ``tool_failure_patience`` consecutive iterations in which every call failed."""
+        rate = stats.get("tool/error_rate", 0.0)
+        if rate > 0 and world()[0] == 0:
+            log.warning("iteration %d: %.0f%% of %d tool calls failed in the sandbox itself (tool/error_rate)",
+                        t, 100 * rate, stats["tool/calls"])
+        self.tool_failures = self.tool_failures + 1 if rate >= 1.0 else 0
+        if self.tool_failure_patience and self.tool_failures >= self.tool_failure_patience:
+            raise RuntimeError(f"the tool failed on every call for {self.tool_failures} consecutive iterations "
+                               f"(last: {t}): training on error observations only would teach nothing. Check the "
+                               "sandbox (bubblewrap installed? the log above has its errors), or raise "
+                               "data.tool_failure_patience (0 = never stop)")
 
     # ------------------------------------------------------------------ batching
     def _on_policy_steps(self, batch: TokenBatch, t: int) -> list[MiniBatch]:
@@ -352,6 +392,7 @@ class RolloutDataModule(L.LightningDataModule):
     def evaluate(self, t: int, *, greedy: bool) -> float:
         """Success rate on the agent's held-out items (all ranks together), greedy or avg@k sampled."""
         rank, ws = world()
+        start = time.perf_counter()
         sync = self._sampling()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(self.seed, t, rank, "val"))
@@ -361,7 +402,13 @@ class RolloutDataModule(L.LightningDataModule):
                                           samples=1 if greedy else self.val_group_size)
         self.engine.release()
         c, n = all_reduce([wins, n], "sum").tolist()
+        self._val_s += time.perf_counter() - start
         return c / max(n, 1)
+
+    def pop_validation_s(self) -> float:
+        """Seconds spent in :meth:`evaluate` since the last call (``perf/validation_s``)."""
+        s, self._val_s = self._val_s, 0.0
+        return s
 
     def teardown(self, stage: str) -> None:
         close = getattr(self.agent, "close", None)
@@ -373,8 +420,9 @@ class RolloutDataModule(L.LightningDataModule):
         """Iteration counter, pending mini-batches and every rank's replay rows (gathered: Lightning writes
         only rank 0's data-module state, so rank-local state must travel inside it). A completed step is
         not pending; the last step of an iteration stays until its record has been consumed."""
-        mine = {"queue": [m for m in self.queue if m.pending], "replay": self.replay.state_dict() if self.replay is not None else None}
-        return {"iteration": self.iteration, "ranks": all_gather_objects(mine)}
+        mine = {"queue": [m for m in self.queue if m.pending],
+                "replay": self.replay.state_dict() if self.replay is not None else None}
+        return {"iteration": self.iteration, "tool_failures": self.tool_failures, "ranks": all_gather_objects(mine)}
 
     def load_state_dict(self, state: dict) -> None:
         rank, ws = world()
@@ -382,6 +430,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"checkpoint was written by {len(state['ranks'])} ranks; resuming on {ws} is not supported "
                              "(the replay rows and pending mini-batches are held per rank)")
         self.iteration = state["iteration"]
+        self.tool_failures = state.get("tool_failures", 0)
         mine = state["ranks"][rank]
         self.queue = mine["queue"]
         if self.replay is not None and mine["replay"] is not None:

@@ -65,6 +65,8 @@ class EnvAgent:
         self.train_split, self.val_split = train_split, val_split
         self.invalid_penalty, self.gamma = invalid_penalty, gamma
         self.train_tasks = train_tasks
+        # the shortest reply that can act (a start-up size check of max_response_len)
+        self.min_reply = ("<think></think>" if require_think else "") + "<action>1</action>"
         self.loop_kw = dict(step_workers=step_workers, step_timeout_s=step_timeout_s,
                             reset_timeout_s=reset_timeout_s, require_think=require_think)
         self._pools: dict[str, list[TextEnv]] = {}

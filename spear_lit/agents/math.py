@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 from spear_lit.rollout.agent import Sample, shard_range
@@ -25,11 +26,27 @@ class ToolAgent:
             raise ValueError(f"data.agent.max_turns={max_turns}: must be >= 1")
         self.task, self.tool, self.max_turns = task, tool, max_turns
         self.name = getattr(task, "name", "math")
+        self.min_reply = r"\boxed{0}"  # the shortest reply that can earn a reward (a start-up size check)
+        self._tool_s = 0.0
+
+    def _call_tool(self, codes: list[str]) -> list[str]:
+        start = time.perf_counter()
+        try:
+            return self.tool(codes)
+        finally:
+            self._tool_s += time.perf_counter() - start
+
+    def pop_stats(self) -> dict[str, float]:
+        """Since the last call: seconds inside the tool, and the tool's calls and infrastructure errors
+        (a tool without ``pop_stats`` reports none)."""
+        stats = {"tool_s": self._tool_s, **(self.tool.pop_stats() if hasattr(self.tool, "pop_stats") else {})}
+        self._tool_s = 0.0
+        return stats
 
     def _episodes(self, engine, tokenizer, problems, **kw):
         system = getattr(self.task, "system_prompt", None)
         prompts = [prompt_ids(tokenizer, p.prompt, system) for p in problems]
-        episodes = run_tool_episodes(engine, tokenizer, prompts, self.tool, max_turns=self.max_turns, **kw)
+        episodes = run_tool_episodes(engine, tokenizer, prompts, self._call_tool, max_turns=self.max_turns, **kw)
         texts = [tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in episodes]
         scores = [self.task.score(x, p)[0] for x, p in zip(texts, problems)]
         return episodes, texts, scores

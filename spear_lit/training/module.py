@@ -110,7 +110,7 @@ class PolicyLearner(PolicyModule):
         self.sil_coef = 1.0  # c(t), pushed by the SILWarmup callback before each step
         self.skipped_steps = 0
         self.iteration_metrics: dict[str, list[float]] = defaultdict(list)
-        self._perf = {"perf/train_tokens": 0.0, "perf/train_s": 0.0}
+        self._perf = {"perf/train_tokens": 0.0, "perf/train_s": 0.0, "perf/update_s": 0.0, "perf/replay_update_s": 0.0}
 
     def on_fit_start(self) -> None:
         # Under DDP we reduce gradients ourselves, once per optimizer step, after all micro-batches
@@ -176,7 +176,9 @@ class PolicyLearner(PolicyModule):
         opt.zero_grad(set_to_none=True)
         sums["policy/grad_norm"] = grad_norm
         self._perf["perf/train_tokens"] += sum(float(m.attention_mask.sum()) for m in mb.micro_batches)
-        self._perf["perf/train_s"] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._perf["perf/train_s"] += elapsed
+        self._perf["perf/replay_update_s" if mb.is_replay else "perf/update_s"] += elapsed
         self._record(sums, suffix="_replay" if mb.is_replay else "")
         mb.done = True  # applied: a checkpoint from now on no longer holds it as pending
 
