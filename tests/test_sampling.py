@@ -124,12 +124,13 @@ def test_hf_engine_samples_exactly_softmax_over_temperature_with_top_p(ckpt, tem
     torch.manual_seed(0)
     with torch.no_grad():
         model.eval()
-        ids = torch.tensor([prompt] * SAMPLES)
+        ids = torch.tensor([prompt] * (SAMPLES // 3))
         old = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=True,
                              temperature=temperature, top_p=None if top_p >= 1 else top_p, top_k=None,
                              pad_token_id=tok.pad_token_id)
     f_old = frequencies(old[:, -1].tolist(), len(p))
-    assert tv(f_old, p, sets) > 2 * bound, (tv(f_old, p, sets), bound)
+    old_bound = tv_bound(p, sets, SAMPLES // 3)  # measured: TV 0.42 (T=1) and 0.95 (T=0.7, top-p 0.9)
+    assert tv(f_old, p, sets) > 2 * old_bound, (tv(f_old, p, sets), old_bound)
 
 
 def test_hf_engine_greedy_is_the_argmax_despite_the_checkpoint_config(ckpt):
