@@ -20,6 +20,8 @@ from spear_lit.tasks.base import Problem
 from spear_lit.tasks.prompts import RETOOL_ANSWER_FORMAT, resolve_system_prompt
 from spear_lit.tasks.scoring import get_scorer
 
+SUFFIX_PRESETS: dict[str, str] = {"retool": RETOOL_ANSWER_FORMAT}
+
 LAYOUTS: dict[str, tuple[str, str]] = {
     "aime2024": ("Problem", "Answer"),
     "aime2025": ("problem", "answer"),
@@ -32,6 +34,11 @@ def answer_str(value) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value).strip()
+
+
+def resolve_prompt_suffix(suffix: str | None) -> str:
+    """A preset name (``"retool"``) gives the preset text; ``None`` gives ``""``; other text is verbatim."""
+    return "" if suffix is None else SUFFIX_PRESETS.get(suffix, suffix)
 
 
 def read_rows(path: str | Path) -> tuple[list[dict], list[str]]:
@@ -129,7 +136,9 @@ class FileMathTask:
         layout: layout of every file, or ``"auto"`` (per file, from its columns).
         scorer: ``"strict_box"`` (SPEAR_SPEC §6.1) or ``"math_verify"``.
         system_prompt: a preset name (default ``"retool"``), literal text, or ``None``.
-        prompt_suffix: appended to every problem text (default: verl ReTool recipe's answer format).
+        prompt_suffix: appended to every problem text: a preset name (default ``"retool"``: the verl ReTool
+            recipe's answer format), literal text, or ``None``. System prompt and suffix are the format the
+            cold-start checkpoint was fine-tuned on (the shipped tiny policy: ``None`` and ``None``).
         max_problems: keep only the first ``max_problems`` of the training and of the validation list.
     """
 
@@ -142,13 +151,14 @@ class FileMathTask:
         layout: str = "auto",
         scorer: str = "strict_box",
         system_prompt: str | None = "retool",
-        prompt_suffix: str = RETOOL_ANSWER_FORMAT,
+        prompt_suffix: str | None = "retool",
         max_problems: int | None = None,
     ):
         self.name, self._scorer = name, get_scorer(scorer)
         self.system_prompt = resolve_system_prompt(system_prompt)
-        self._train = self._load(train_files, layout, prompt_suffix, max_problems)
-        self._val = self._load(val_files, layout, prompt_suffix, max_problems)
+        suffix = resolve_prompt_suffix(prompt_suffix)
+        self._train = self._load(train_files, layout, suffix, max_problems)
+        self._val = self._load(val_files, layout, suffix, max_problems)
 
     @staticmethod
     def _load(files, layout, suffix, limit) -> list[Problem]:
