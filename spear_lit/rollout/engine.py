@@ -75,6 +75,14 @@ class HFEngine:
                                         temperature, top_p, greedy)
         return out
 
+    def generation_config(self, *, max_new_tokens: int, temperature: float, top_p: float,
+                          greedy: bool) -> GenerationConfig:
+        """The complete config of one ``generate`` call: exact softmax(z/T) sampling with top-p (see
+        :func:`exact_sampling_config`). A subclass may change it (bench/vs_trl.py forbids EOS to fix the length)."""
+        tok = self.tokenizer
+        return exact_sampling_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     greedy=greedy, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
     def _generate_chunk(self, prompts, budgets, temperature, top_p, greedy):
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
@@ -84,8 +92,8 @@ class HFEngine:
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
             ids[i, width - len(p):] = torch.as_tensor(p)
             attn[i, width - len(p):] = 1
-        config = exact_sampling_config(max_new_tokens=max(budgets), temperature=temperature, top_p=top_p,
-                                       greedy=greedy, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        config = self.generation_config(max_new_tokens=max(budgets), temperature=temperature, top_p=top_p,
+                                        greedy=greedy)
         was_training, shipped = model.training, model.generation_config
         model.eval()  # dropout off: samples come from the same distribution as the (eval) old log-probs
         # generate() fills every field we leave None from model.generation_config: hide the checkpoint's

@@ -1,0 +1,78 @@
+"""The workload of bench/vs_trl.py, shared by both trainers: fixed-length prompts, a substring reward, no tool.
+
+Every prompt is "Add A and B." padded with spaces so that its ChatML rendering (the byte tokenizer, one token
+per byte) is exactly ``PROMPT_TOKENS`` ids; every completion is exactly ``max_new_tokens`` long because EOS is
+forbidden until then (TRL: ``generation_kwargs={"min_new_tokens": 128}``; ours: :class:`FixedLengthHFEngine`).
+Bench-only: forbidding EOS means the samples no longer come from exactly softmax(z/T), which training needs.
+"""
+
+from __future__ import annotations
+
+import random
+
+from spear_lit.policy.tokenizer import byte_chat_tokenizer
+from spear_lit.rollout import HFEngine
+from spear_lit.rollout.chat import prompt_ids
+from spear_lit.tasks.base import Problem
+
+PROMPT_TOKENS = 64
+
+
+def add_problem(a: int, b: int, tokenizer=None) -> Problem:
+    """``Add a and b.`` whose chat-templated prompt is exactly ``PROMPT_TOKENS`` token ids."""
+    tok = tokenizer or byte_chat_tokenizer()
+    text = f"Add {a} and {b}."
+    overhead = len(prompt_ids(tok, "", None))  # <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n
+    text = text.ljust(PROMPT_TOKENS - overhead)
+    n = len(prompt_ids(tok, text, None))
+    if n != PROMPT_TOKENS:
+        raise AssertionError(f"prompt is {n} tokens, not {PROMPT_TOKENS}")
+    return Problem(uid=f"add-{a}-{b}", prompt=text, answer=str(a + b))
+
+
+def draw_problems(n: int, rng: random.Random, tokenizer=None) -> list[Problem]:
+    """``n`` addition problems with operands in [10, 999]."""
+    tok = tokenizer or byte_chat_tokenizer()
+    return [add_problem(rng.randint(10, 999), rng.randint(10, 999), tok) for _ in range(n)]
+
+
+def substring_reward(completion: str, answer: str) -> float:
+    """1 if the sum appears anywhere in the completion, else 0 (the same function in both trainers)."""
+    return 1.0 if answer in completion else 0.0
+
+
+class AddTask:
+    """A :class:`spear_lit.tasks.base.Task` of :func:`add_problem` prompts scored by :func:`substring_reward`."""
+
+    name = "add"
+    system_prompt = None
+
+    def __init__(self):
+        self._tok = byte_chat_tokenizer()
+
+    def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
+        return draw_problems(n, rng, self._tok)
+
+    def val_problems(self) -> list[Problem]:
+        return draw_problems(8, random.Random(1), self._tok)
+
+    def score(self, response: str, problem: Problem) -> tuple[float, str | None]:
+        return substring_reward(response, problem.answer), None
+
+
+class NoTool:
+    """The tool of a single-turn agent: never called (``max_turns=1`` runs no tool round)."""
+
+    def __call__(self, codes: list[str]) -> list[str]:
+        raise RuntimeError("the vs_trl workload has no tool; a single-turn agent never calls one")
+
+
+class FixedLengthHFEngine(HFEngine):
+    """Our HF engine with EOS forbidden until the token budget (``min_new_tokens = max_new_tokens``), as TRL's
+    ``generation_kwargs={"min_new_tokens": ...}``: every completion has exactly the budget's length."""
+
+    def generation_config(self, *, max_new_tokens, temperature, top_p, greedy):
+        config = super().generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                           greedy=greedy)
+        config.min_new_tokens = int(max_new_tokens)
+        return config
