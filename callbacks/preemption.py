@@ -60,9 +60,12 @@ class Preemption(L.Callback):
                 signal.signal(s, self._handler)
 
     def setup(self, trainer, pl_module, stage) -> None:
-        env = getattr(trainer.strategy, "cluster_environment", None)
+        # the environment Lightning's signal connector reads when it registers its handlers (after setup);
+        # single-device runs have it only there, not on the strategy
+        connector = getattr(trainer, "_accelerator_connector", None)
+        env = getattr(connector, "cluster_environment", None) or getattr(trainer.strategy, "cluster_environment", None)
         if isinstance(env, SLURMEnvironment):
-            env.auto_requeue = False  # read by Lightning when it registers its handlers, after setup
+            env.auto_requeue = False
         self._install()  # early: a warning during model loading or engine start-up is not lost
 
     def on_train_start(self, trainer, pl_module) -> None:

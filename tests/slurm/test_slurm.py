@@ -36,6 +36,16 @@ def _cluster_up() -> str | None:
     return None
 
 
+def _slurm(*cmd: str) -> str:
+    """A query's stdout; retried, because a busy controller (2 loaded cores) can time out a request."""
+    for _ in range(10):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode == 0:
+            return out.stdout
+        time.sleep(1)
+    raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+
+
 class Job:
     """One ``sbatch`` submission of the generic batch script, with its run directory and log."""
 
@@ -50,12 +60,10 @@ class Job:
 
     def info(self) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, NodeList, ...)."""
-        out = subprocess.run(["scontrol", "show", "job", self.id], capture_output=True, text=True).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
+        return dict(re.findall(r"(\w+)=(\S*)", _slurm("scontrol", "show", "job", self.id)))
 
     def queued(self) -> bool:
-        out = subprocess.run(["squeue", "-h", "-j", self.id, "-o", "%T"], capture_output=True, text=True)
-        return bool(out.stdout.strip())
+        return bool(_slurm("squeue", "-h", "-j", self.id, "-o", "%T").strip())
 
     def rows(self) -> list[dict]:
         path = self.run_dir / "metrics.csv"
