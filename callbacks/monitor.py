@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 class EntropyMonitor(L.Callback):
-    """Tracks the policy's token entropy per RL iteration and warns once when it collapses.
+    """Tracks the policy's pre-update token entropy per RL iteration and warns once when it collapses.
 
     Args:
         collapse_ratio: warn when entropy falls below this fraction of the first iteration's.
@@ -25,10 +25,9 @@ class EntropyMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)
-        ent = pl_module.iteration_metrics.get("policy/entropy")
-        if record is None or not ent:
+        value = record["metrics"].get("policy/entropy", float("nan")) if record is not None else float("nan")
+        if value != value or "policy/entropy_vs_start" in record["metrics"]:  # none, or already seen (resume)
             return
-        value = sum(ent) / len(ent)
         self.first = value if self.first is None else self.first
         record["metrics"]["policy/entropy_vs_start"] = value / self.first if self.first else 1.0
         if not self.warned and self.first and value < self.collapse_ratio * self.first:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from callbacks._iteration import finished_iteration, rollout_data
 from spear_lit.training.dist import all_reduce
+from spear_lit.training.loggers import log_image
 
 # SPEAR_SPEC §10: the metric vocabulary; these columns always exist in metrics.csv (empty when unmeasured).
 SPEC_METRICS = [
@@ -63,7 +64,10 @@ class IterationReport(L.Callback):
             return  # not an iteration's end, or its row exists (a resumed run replays the record once)
         now = time.perf_counter()
         row = {"iteration": record["iteration"], "optimizer_steps": trainer.global_step}
-        row.update(pl_module.pop_iteration_metrics())  # step metrics are already global (learner)
+        train = pl_module.pop_iteration_metrics()  # step metrics are already global (learner)
+        if "policy/entropy" in train:  # measured during the updates; policy/entropy is the pre-update one
+            train["policy/entropy_update"] = train.pop("policy/entropy")
+        row.update(train)
         row.update(record["metrics"])  # rollout, filter, buffer metrics are already global (data module)
         train_s = float(all_reduce([row.pop("perf/train_s", 0.0)], "max")[0])
         tokens = float(all_reduce([row.pop("perf/train_tokens", 0.0)], "sum")[0])
@@ -107,7 +111,9 @@ class IterationReport(L.Callback):
             self.bar.close()
         if not trainer.is_global_zero or not self.rows:
             return
-        self.plot(self._dir(trainer) / "training_curves.png")
+        path = self.plot(self._dir(trainer) / "training_curves.png")
+        for logger in trainer.loggers:  # TensorBoard, W&B: an image; MLflow: an artifact; CSV: the file only
+            log_image(logger, "training_curves", path)
         print(self.summary(getattr(pl_module, "initial_validation", {})))
 
     def plot(self, path: Path) -> Path:

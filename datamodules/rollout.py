@@ -182,6 +182,7 @@ class RolloutDataModule(L.LightningDataModule):
         logp_start = time.perf_counter()
         steps = self._on_policy_steps(batch, t)
         stats["perf/old_logp_s"] = time.perf_counter() - logp_start
+        stats["policy/entropy"] = self.entropy  # pre-update (the update passes' is policy/entropy_update)
         stats["perf/score_s"] = score_s
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
@@ -317,23 +318,30 @@ class RolloutDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ batching
     def _on_policy_steps(self, batch: TokenBatch, t: int) -> list[MiniBatch]:
         """Old log-probs, then ``ppo_epochs`` passes of mini-batches; identical step counts on all ranks."""
-        self._fill_old_logp(batch)
+        self.entropy = self._fill_old_logp(batch)
         counts = all_gather_objects(len(batch))
         offset = sum(counts[:world()[0]])
         steps = self._mini_batches(batch, list(range(offset, offset + len(batch))), sum(counts), "on_policy", t)
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
 
-    def _fill_old_logp(self, batch: TokenBatch) -> None:
+    def _fill_old_logp(self, batch: TokenBatch) -> float:
         """``batch.old_logp`` under the current weights (SPEAR_SPEC §0 step 6), before any update of ``t``;
-        these are also the values stored with the rows in the replay buffer."""
+        these are also the values stored with the rows in the replay buffer. Returns the policy's token-mean
+        entropy on the iteration's loss tokens over all ranks, from the same pass (pre-update, as the paper
+        plots it)."""
         parts = self._micro_split(batch)
-        offset = 0
-        for part, old in zip(parts, self.learner.old_logprobs(parts)):
+        entropies: list[torch.Tensor] = []
+        offset, ent_sum, tokens = 0, 0.0, 0.0
+        for part, old, ent in zip(parts, self.learner.old_logprobs(parts, entropies), entropies):
             if getattr(part, "dummy", False):
                 continue
             batch.old_logp[offset:offset + len(part)] = old
             offset += len(part)
+            ent_sum += float((ent * part.response_mask).sum())
+            tokens += float(part.response_mask.sum())
+        ent_sum, tokens = all_reduce([ent_sum, tokens], "sum").tolist()
+        return ent_sum / tokens if tokens else float("nan")
 
     def _mini_batches(self, batch: TokenBatch, positions: list[int], total: int, kind: str, t: int
                       ) -> list[MiniBatch]:

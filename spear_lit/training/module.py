@@ -121,19 +121,24 @@ class PolicyLearner(PolicyModule):
         self._manual_grad_sum = isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
 
     @torch.no_grad()
-    def old_logprobs(self, micro_batches: list[TokenBatch]) -> list[torch.Tensor]:
+    def old_logprobs(self, micro_batches: list[TokenBatch], entropy: list | None = None) -> list[torch.Tensor]:
         """``old_logp [n, T]`` of each micro-batch under the current weights (SPEAR_SPEC §0 step 6), with
-        dropout off like sampling (the distribution the rows were drawn from)."""
+        dropout off like sampling (the distribution the rows were drawn from). If ``entropy`` is a list, the
+        per-token entropy ``[n, T]`` of each micro-batch is appended to it (pre-update, as the paper plots it)."""
         out = []
         was_training = self.model.training
         self.model.eval()
         try:
             for b in micro_batches:
                 c = b.cropped().to(self.device)
-                logp, _ = self.token_stats(c, entropy=False)
+                logp, ent = self.token_stats(c, entropy=entropy is not None)
                 full = torch.zeros_like(b.old_logp)
                 full[:, :logp.shape[1]] = logp.cpu()
                 out.append(full)
+                if entropy is not None:
+                    full_ent = torch.zeros_like(b.old_logp)
+                    full_ent[:, :ent.shape[1]] = ent.cpu()
+                    entropy.append(full_ent)
         finally:
             self.model.train(was_training)
         return out
