@@ -233,7 +233,7 @@ def _train(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(run, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules' tests with this group's
 def probe(tmp_path_factory) -> dict:
     """What ``python tests/test_vllm_engine.py probe OUT`` measured with one real in-process engine."""
     out = tmp_path_factory.mktemp("vllm_probe") / "probe.json"
