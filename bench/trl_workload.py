@@ -9,6 +9,9 @@ Bench-only: forbidding EOS means the samples no longer come from exactly softmax
 from __future__ import annotations
 
 import random
+import time
+
+import lightning as L
 
 from spear_lit.policy.tokenizer import byte_chat_tokenizer
 from spear_lit.rollout import HFEngine
@@ -76,3 +79,40 @@ class FixedLengthHFEngine(HFEngine):
                                            greedy=greedy)
         config.min_new_tokens = int(max_new_tokens)
         return config
+
+
+class StepClock(L.Callback):
+    """``(wall, process CPU)`` seconds at the end of every optimizer step (one per iteration in this bench)."""
+
+    def __init__(self):
+        self.ends: list[tuple[float, float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.ends.append((time.perf_counter(), time.process_time()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > len(self.ends) - 1:  # a step happened (not the call that ends the stream)
+            self.ends.append((time.perf_counter(), time.process_time()))
+
+
+def fixed_length_vllm_engine(**kwargs):
+    """Our vLLM engine with EOS forbidden until the budget (vLLM ``min_tokens``), for ``rollout=vllm_cpu``.
+
+    Built by a function so that importing this module does not need vLLM."""
+    from spear_lit.rollout.vllm_engine import VLLMEngine, exact_sampling_params
+
+    class FixedLengthVLLMEngine(VLLMEngine):
+        def _generate_all(self, requests, temperature, top_p, greedy):
+            from vllm.inputs import TokensPrompt
+
+            params = []
+            for _, budget, seed in requests:
+                p = exact_sampling_params(max_tokens=budget, temperature=temperature, top_p=top_p, greedy=greedy,
+                                          seed=seed, eos_token_id=self.tokenizer.eos_token_id)
+                p.min_tokens = budget  # set before the request is added, where vLLM reads it
+                params.append(p)
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], params,
+                                     use_tqdm=False)
+            return [[int(t) for t in o.outputs[0].token_ids][:budget] for o, (_, budget, _) in zip(outs, requests)]
+
+    return FixedLengthVLLMEngine(**kwargs)

@@ -21,6 +21,7 @@ forward/backward/AdamW step on the same [64, 192] shapes (two micro-batches of 3
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -38,7 +39,12 @@ for p in (str(REPO), str(BENCH)):
         sys.path.insert(0, p)
 
 PROMPTS, GROUP, NEW_TOKENS, MICRO_ROWS, LR, WD, CLIP = 8, 8, 128, 32, 1e-4, 0.01, 1.0
-KINDS = ("trl", "ours", "floor")
+KINDS = ("trl", "ours", "floor", "ours_vllm")
+ENGINES = {  # our rollout engine, with EOS forbidden until the budget (bench/trl_workload.py)
+    "hf": ["rollout._target_=trl_workload.FixedLengthHFEngine"],
+    "vllm_cpu": ["rollout=vllm_cpu", "rollout._target_=trl_workload.fixed_length_vllm_engine",
+                 f"rollout.max_model_len={64 + NEW_TOKENS}"],
+}
 
 
 # ---------------------------------------------------------------------------------------------- children
@@ -63,8 +69,11 @@ def run_trl(model_dir: str, iterations: int, out: dict) -> None:
         return [substring_reward(c, a) for c, a in zip(completions, answer)]
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            out["ends"].append((time.perf_counter(), time.process_time()))
+
         def on_step_end(self, args, state, control, **kw):
-            out["step_end"].append(time.perf_counter())
+            out["ends"].append((time.perf_counter(), time.process_time()))
 
         def on_log(self, args, state, control, logs=None, **kw):
             for k in ("completions/min_length", "completions/max_length"):
@@ -81,19 +90,19 @@ def run_trl(model_dir: str, iterations: int, out: dict) -> None:
         temperature=1.0, top_p=1.0, loss_type="dr_grpo", scale_rewards="none", beta=0.0,
         learning_rate=LR, weight_decay=WD, max_grad_norm=CLIP, dataloader_num_workers=0,
     )
-    out["step_end"] = []
+    out["ends"] = []
     trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
-    out["train_start"] = time.perf_counter()
     trainer.train()
     out["optimizer_steps"] = trainer.state.global_step
     out["new_tokens"] = [min(out.get("completions/min_length", [0])), max(out.get("completions/max_length", [0]))]
 
 
-def run_ours(model_dir: str, iterations: int, out: dict) -> None:
-    """Our train() through Hydra, on the same workload: a single-turn agent (no tool round) and EOS forbidden."""
+def run_ours(model_dir: str, iterations: int, out: dict, engine: str = "hf") -> None:
+    """Our train() through Hydra, on the same workload: a single-turn agent (no tool round) and EOS forbidden.
+    ``engine``: ``hf`` (the default rollout) or ``vllm_cpu`` (``rollout=vllm_cpu``, needs `make vllm-cpu`)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     from train import train
 
@@ -102,7 +111,7 @@ def run_ours(model_dir: str, iterations: int, out: dict) -> None:
         "loss.aggregation._target_=spear_lit.algos.seq_mean_token_sum_norm",
         f"iterations={iterations}", f"max_response_len={NEW_TOKENS}", f"data.prompts_per_iteration={PROMPTS}",
         f"data.group_size={GROUP}", f"data.mini_batch_rows={PROMPTS * GROUP}", f"data.micro_batch_rows={MICRO_ROWS}",
-        "data.ppo_epochs=1", "rollout._target_=trl_workload.FixedLengthHFEngine", f"learner.optimizer.lr={LR}",
+        "data.ppo_epochs=1", f"learner.optimizer.lr={LR}", *ENGINES[engine],
         f"learner.optimizer.weight_decay={WD}", f"learner.grad_clip={CLIP}", "trainer.precision=32-true",
         f"run_dir={out['tmp']}", "~callbacks.validation", "export_hf=false", "trainer.logger=null",
     ]
@@ -111,12 +120,12 @@ def run_ours(model_dir: str, iterations: int, out: dict) -> None:
     OmegaConf.update(cfg, "data.agent", {"_target_": "spear_lit.agents.ToolAgent", "max_turns": 1,
                                          "task": {"_target_": "trl_workload.AddTask"},
                                          "tool": {"_target_": "trl_workload.NoTool"}}, merge=False)
-    out["train_start"] = time.perf_counter()
+    with open_dict(cfg):
+        cfg.callbacks.bench_clock = {"_target_": "trl_workload.StepClock"}
     _, objs = train(cfg)
-    rows = next(c for c in objs["trainer"].callbacks if type(c).__name__ == "IterationReport").rows
-    out["iteration_s"] = [r["perf/iteration_s"] for r in rows]
-    out["phases"] = [{k: r.get(k, 0.0) for k in ("perf/generation_s", "perf/score_s", "perf/old_logp_s",
-                                                  "perf/update_s", "perf/other_s")} for r in rows]
+    cbs = {type(c).__name__: c for c in objs["trainer"].callbacks}
+    rows, out["ends"] = cbs["IterationReport"].rows, cbs["StepClock"].ends
+    out["phases"] = [{k: r.get(k, 0.0) for k in PHASES} for r in rows]
     out["optimizer_steps"] = objs["trainer"].global_step
     out["new_tokens"] = [min(r["rollout/response_len_mean"] for r in rows), max(r["rollout/response_len_mean"] for r in rows)]
 
@@ -131,8 +140,7 @@ def run_floor(model_dir: str, iterations: int, out: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     vocab = model.config.vocab_size
     prompts = torch.randint(0, 256, (PROMPTS * GROUP, 64))
-    out["generate_s"], out["step_s"], out["iteration_s"] = [], [], []
-    out["train_start"] = time.perf_counter()
+    out["generate_s"], out["step_s"], out["ends"] = [], [], [(time.perf_counter(), time.process_time())]
     for _ in range(iterations):
         t0 = time.perf_counter()
         model.eval()
@@ -155,7 +163,7 @@ def run_floor(model_dir: str, iterations: int, out: dict) -> None:
         t2 = time.perf_counter()
         out["generate_s"].append(t1 - t0)
         out["step_s"].append(t2 - t1)
-        out["iteration_s"].append(t2 - t0)
+        out["ends"].append((time.perf_counter(), time.process_time()))
     out["new_tokens"] = [seq.shape[1] - 64] * 2
 
 
@@ -167,11 +175,15 @@ def child(kind: str, model_dir: str, iterations: int, result: str) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out: dict = {"tmp": tmp}
-        {"trl": run_trl, "ours": run_ours, "floor": run_floor}[kind](model_dir, iterations, out)
-    if kind == "trl":  # between consecutive optimizer-step ends, the first from the start of train()
-        ends = [out["train_start"], *out.pop("step_end")]
-        out["iteration_s"] = [b - a for a, b in zip(ends, ends[1:])]
-    out["startup_s"] = out.pop("train_start") - t0
+        if kind == "ours_vllm":
+            run_ours(model_dir, iterations, out, engine="vllm_cpu")
+        else:
+            {"trl": run_trl, "ours": run_ours, "floor": run_floor}[kind](model_dir, iterations, out)
+    # wall and process-CPU seconds between consecutive optimizer-step ends (the first from the start of training)
+    ends = out.pop("ends")
+    out["iteration_s"] = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
+    out["cpu_s"] = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
+    out["startup_s"] = ends[0][0] - t0
     out.pop("tmp")
     Path(result).write_text(json.dumps(out))
 
@@ -212,36 +224,55 @@ def steady(runs: list[dict], key: str = "iteration_s") -> list[float]:
 
 
 def summarize(runs: dict[str, list[dict]], iterations: int, rounds: int, threads: int) -> dict:
-    med = {k: statistics.median(steady(v)) for k, v in runs.items()}
-    return {"ours_s_per_iter": med["ours"], "trl_s_per_iter": med["trl"], "ratio": med["ours"] / med["trl"],
-            "floor_s_per_iter": med["floor"], "ours_over_floor": med["ours"] / med["floor"],
-            "trl_over_floor": med["trl"] / med["floor"], "iterations": iterations, "rounds": rounds,
-            "threads": threads}
+    """The JSON line: medians of wall and CPU seconds per iteration, ours / TRL and each / floor."""
+    wall = {k: statistics.median(steady(v)) for k, v in runs.items() if v}
+    cpu = {k: statistics.median(steady(v, "cpu_s")) for k, v in runs.items() if v}
+    s = {"ours_s_per_iter": wall["ours"], "trl_s_per_iter": wall["trl"], "ratio": wall["ours"] / wall["trl"],
+         "floor_s_per_iter": wall["floor"], "ours_over_floor": wall["ours"] / wall["floor"],
+         "trl_over_floor": wall["trl"] / wall["floor"], "ours_cpu_s_per_iter": cpu["ours"],
+         "trl_cpu_s_per_iter": cpu["trl"], "floor_cpu_s_per_iter": cpu["floor"], "cpu_ratio": cpu["ours"] / cpu["trl"]}
+    if "ours_vllm" in wall:
+        s.update(ours_vllm_cpu_s_per_iter=wall["ours_vllm"], ratio_vllm_cpu=wall["ours_vllm"] / wall["trl"],
+                 cpu_ratio_vllm_cpu=cpu["ours_vllm"] / cpu["trl"])
+    return {**s, "iterations": iterations, "rounds": rounds, "threads": threads}
+
+
+NAMES = {"trl": "TRL GRPOTrainer (HF generate)", "ours": "spear_lit train.py, rollout=hf",
+         "ours_vllm": "spear_lit train.py, rollout=vllm_cpu", "floor": "floor: bare generate + fwd/bwd/AdamW"}
 
 
 def table(runs: dict[str, list[dict]], s: dict) -> str:
+    """Markdown table (wall and CPU seconds per iteration, multiples of the floor and of TRL) and phase lines."""
     def cell(vals):
         return f"{statistics.median(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]"
 
-    lines = ["| run | s/iteration, median [min-max] | x floor | vs TRL | start-up s | new tokens/completion | "
-             "optimizer steps/run |", "|---|---|---|---|---|---|---|"]
-    names = {"trl": "TRL GRPOTrainer", "ours": "spear_lit (train.py)", "floor": "floor: generate + fwd/bwd/AdamW"}
+    lines = ["| run | wall s/iter, median [min-max] | CPU s/iter | wall x floor | wall vs TRL | CPU vs TRL | "
+             "start-up s | new tokens | steps/run |", "|---|---|---|---|---|---|---|---|---|"]
+    trl_cpu = statistics.median(steady(runs["trl"], "cpu_s"))
     for k in KINDS:
         rs = runs[k]
-        vals = steady(rs)
+        if not rs:
+            continue
+        wall, cpu = steady(rs), steady(rs, "cpu_s")
         toks = sorted({round(x) for r in rs for x in r["new_tokens"]})
         steps = sorted({r.get("optimizer_steps", len(r["iteration_s"])) for r in rs})
-        lines.append(f"| {names[k]} | {cell(vals)} | {statistics.median(vals) / s['floor_s_per_iter']:.2f}x | "
-                     f"{statistics.median(vals) / s['trl_s_per_iter']:.2f}x | "
+        lines.append(f"| {NAMES[k]} | {cell(wall)} | {cell(cpu)} | "
+                     f"{statistics.median(wall) / s['floor_s_per_iter']:.2f}x | "
+                     f"{statistics.median(wall) / s['trl_s_per_iter']:.2f}x | {statistics.median(cpu) / trl_cpu:.2f}x | "
                      f"{statistics.median(r['startup_s'] for r in rs):.1f} | {'/'.join(map(str, toks))} | "
                      f"{'/'.join(map(str, steps))} |")
     fl = runs["floor"]
-    phases = {k: statistics.median(v for r in runs["ours"] for v in _col(r, k))
-              for k in ("perf/generation_s", "perf/score_s", "perf/old_logp_s", "perf/update_s", "perf/other_s")}
-    lines += ["", "floor parts (median s): generate {:.2f}, fwd/bwd/AdamW {:.2f}".format(
-        statistics.median(steady(fl, "generate_s")), statistics.median(steady(fl, "step_s"))),
-        "spear_lit phases (median s): " + ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in phases.items())]
+    lines += ["", "floor parts (median wall s): generate {:.2f}, fwd/bwd/AdamW {:.2f}".format(
+        statistics.median(steady(fl, "generate_s")), statistics.median(steady(fl, "step_s")))]
+    for k in ("ours", "ours_vllm"):
+        if runs[k]:
+            phases = {p: statistics.median(v for r in runs[k] for v in _col(r, p)) for p in PHASES}
+            lines.append(f"{NAMES[k]} phases (median wall s): "
+                         + ", ".join(f"{p[5:-2]} {v:.2f}" for p, v in phases.items()))
     return "\n".join(lines)
+
+
+PHASES = ("perf/generation_s", "perf/score_s", "perf/old_logp_s", "perf/update_s", "perf/other_s")
 
 
 def _col(run: dict, key: str) -> list[float]:
@@ -254,18 +285,22 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=6, help="iterations per run (the first is warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="TRL, ours, floor repeated this many times")
     ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads of every run")
+    ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run ours with rollout=vllm_cpu (default: when vLLM is installed)")
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.model, args.iterations, args.result)
+    vllm = importlib.util.find_spec("vllm") is not None if args.vllm is None else args.vllm
+    kinds = [k for k in KINDS if k != "ours_vllm" or vllm]
     runs: dict[str, list[dict]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_model(tmp / "model")
         for i in range(args.rounds):
-            for k in KINDS:
+            for k in kinds:
                 runs[k].append(spawn(k, tmp / "model", args.iterations, args.threads, tmp, i))
                 print(f"round {i + 1}/{args.rounds} {k}: {' '.join(f'{v:.2f}' for v in runs[k][-1]['iteration_s'])} s/iter",
                       file=sys.stderr, flush=True)
