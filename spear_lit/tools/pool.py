@@ -30,7 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from spear_lit.tools.cgroup import Cgroup, make_cgroup
-from spear_lit.tools.sandbox import MIN_PATH, PYTHON_FLAGS, SANDBOX_UID, WORK_DIR, ExecResult, Limits
+from spear_lit.tools.sandbox import (
+    MIN_PATH,
+    PYTHON_FLAGS,
+    SANDBOX_UID,
+    WORK_DIR,
+    ExecResult,
+    Limits,
+    shielded_spawn,
+)
 
 log = logging.getLogger(__name__)
 WORKER_SRC = (Path(__file__).parent / "sandbox_worker.py").read_text()
@@ -110,10 +118,11 @@ class Worker:
     def __init__(self, cmd: list[str], cgroup: Cgroup | None):
         self.cgroup = cgroup
         kwargs = dict(user=SANDBOX_UID, group=SANDBOX_UID, extra_groups=[]) if os.geteuid() == 0 else {}
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={"PATH": MIN_PATH}, start_new_session=True, close_fds=True, **kwargs,
-        )  # fmt: skip
+        with shielded_spawn():  # the job's SIGTERM must not kill a sandbox mid-rollout (see sandbox.py)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={"PATH": MIN_PATH}, start_new_session=True, close_fds=True, **kwargs,
+            )  # fmt: skip
         self.pid: int | None = None
         self._pidfd: int | None = None
         self.calls = 0

@@ -31,7 +31,25 @@ import signal
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+# SLURM (proctrack) and systemd deliver SIGTERM/SIGUSR1 to every process of a job, not only the trainer: a
+# sandbox killed by it turns in-flight tool calls into errors before the trainer's Preemption callback
+# checkpoints at the next step (the resumed run then differs). Sandboxes start with these signals blocked
+# (the mask survives fork and exec); their owner stops them with SIGKILL, as SLURM does after KillWait.
+SHIELDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+
+
+@contextmanager
+def shielded_spawn():
+    """Processes started inside inherit blocked job-control signals (this thread's mask is restored)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
 
 SANDBOX_UID = 65534  # "nobody": owns nothing on the host
 WORK_DIR = "/workspace"  # the program's cwd and $HOME inside the bubblewrap sandbox
@@ -177,16 +195,17 @@ def run(cmd: list[str], code: str, limits: Limits, *, sandboxed: bool) -> ExecRe
         env.update(HOME=work_dir, TMPDIR=work_dir, PYTHONDONTWRITEBYTECODE="1", LANG="C.UTF-8")
         kwargs = dict(cwd=work_dir)
     try:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-            **kwargs,
-        )
+        with shielded_spawn():
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                **kwargs,
+            )
     except OSError as e:
         if work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
