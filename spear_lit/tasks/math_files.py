@@ -41,8 +41,9 @@ def resolve_prompt_suffix(suffix: str | None) -> str:
     return "" if suffix is None else SUFFIX_PRESETS.get(suffix, suffix)
 
 
-def read_rows(path: str | Path) -> tuple[list[dict], list[str]]:
-    """Rows of a ``.parquet`` or ``.jsonl`` file and its column names (jsonl: keys of all rows)."""
+def read_rows(path: str | Path) -> tuple[list[dict], list[str], list[str]]:
+    """Rows of a ``.parquet`` or ``.jsonl`` file, its column names (jsonl: keys of all rows) and where each
+    row is, for messages: ``x.jsonl:7`` (the 1-based line; blank lines are skipped) or ``x.parquet: row 7``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"math data file not found: {path}")
@@ -50,12 +51,26 @@ def read_rows(path: str | Path) -> tuple[list[dict], list[str]]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        return table.to_pylist(), list(table.column_names)
+        return table.to_pylist(), list(table.column_names), [f"{path}: row {i}" for i in range(1, table.num_rows + 1)]
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows, places = [], []
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1})") from None
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); "
+                                     "each line of a .jsonl file is one JSON object") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
+                rows.append(row)
+                places.append(f"{path}:{number}")
         columns = list(dict.fromkeys(key for row in rows for key in row))
-        return rows, columns
+        return rows, columns, places
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .parquet or .jsonl")
 
 
@@ -88,7 +103,7 @@ def load_math_file(path: str | Path, layout: str = "auto") -> list[Problem]:
     Returns:
         ``Problem(uid="<stem>-<row>", prompt=<problem text>, answer=<str>, meta={"source", "index"})``.
     """
-    rows, columns = read_rows(path)
+    rows, columns, places = read_rows(path)
     if layout == "auto":
         layout = detect_layout(columns, path)
     if layout not in LAYOUTS:
@@ -99,11 +114,11 @@ def load_math_file(path: str | Path, layout: str = "auto") -> list[Problem]:
         for column in LAYOUTS[layout]:
             if column not in row:
                 raise ValueError(
-                    f"{path}: row {i} lacks required column {column!r} of layout {layout!r}; "
+                    f"{places[i]}: lacks required column {column!r} of layout {layout!r}; "
                     f"columns found: {list(row) if row else columns}"
                 )
         if layout == "dapo":
-            prompt, answer = _dapo_row(row, f"{path}: row {i}")
+            prompt, answer = _dapo_row(row, places[i])
         else:
             question_col, answer_col = LAYOUTS[layout]
             prompt, answer = str(row[question_col]), answer_str(row[answer_col])
@@ -130,7 +145,8 @@ class FileMathTask:
     """Math problems from local files (e.g. DAPO-Math-17k to train, AIME 2024/2025 to validate).
 
     Args:
-        train_files: files to draw training problems from (may be empty for a validation-only task).
+        train_files: files to draw training problems from (may be empty for a validation-only task); a
+            single path is taken as a one-element list (also for ``val_files``).
         val_files: files of the fixed validation set (concatenated in order).
         name: metric name (``val/<name>/accuracy``).
         layout: layout of every file, or ``"auto"`` (per file, from its columns).
@@ -162,6 +178,7 @@ class FileMathTask:
 
     @staticmethod
     def _load(files, layout, suffix, limit) -> list[Problem]:
+        files = [files] if isinstance(files, (str, Path)) else files  # one path: a one-element list
         problems = [p for f in files for p in load_math_file(f, layout)]
         problems = [Problem(p.uid, p.prompt + suffix, p.answer, p.meta) for p in problems]
         return problems if limit is None else problems[:limit]

@@ -70,7 +70,7 @@ def test_missing_column_names_path_column_and_found_columns(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.parquet.*no known layout.*\['Problem', 'Solution'\]"):
         load_math_file(path)
     jl = write(tmp_path, "bad.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q"}])
-    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1 lacks required column 'answer'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: lacks required column 'answer'"):
         load_aime2025(jl)
 
 
