@@ -168,3 +168,16 @@ def test_old_logprobs_are_computed_with_dropout_off(ckpt):
     learner.model.train()
     assert torch.allclose(a[:, :5], want, atol=1e-6) and torch.equal(a, b)
     assert learner.model.training
+
+
+def test_the_rl_learner_trains_without_dropout(ckpt):
+    """The update's log-probs must come from the distribution that sampled (and gave old_logp): dropout off."""
+    from spear_lit.training.module import PolicyLearner
+
+    learner = PolicyLearner(PolicySource(str(ckpt)), {"none": lambda *a, **k: None}, lambda p: torch.optim.SGD(p, lr=0.0))
+    learner.configure_model()
+    assert learner.model.training  # train mode, yet deterministic
+    tok = PolicySource(str(ckpt)).tokenizer()
+    ids = torch.tensor([probe_prompt(learner.model, tok)])
+    a, b = (learner.model(input_ids=ids).logits for _ in range(2))
+    assert torch.equal(a, b)

@@ -46,11 +46,14 @@ class PolicyModule(L.LightningModule):
         self.temperature, self.grad_clip, self.reference = temperature, grad_clip, reference
         self.model = None
         self.ref_model = None
+        self.no_dropout = False  # RL sets it: the PPO ratio must compare the sampling distribution with itself
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.model = self.policy_source.model().train()  # from_pretrained returns eval mode
+        if self.no_dropout:
+            _disable_dropout(self.model)
         if self.reference:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         if _is_model_parallel(self):
@@ -105,6 +108,7 @@ class PolicyLearner(PolicyModule):
             raise ValueError("loss.terms is empty: give at least a policy term (e.g. loss=spear)")
         reference = any(getattr(t, "needs_reference", False) for t in loss_terms.values())
         super().__init__(policy, optimizer, temperature=temperature, grad_clip=grad_clip, reference=reference)
+        self.no_dropout = True  # samples and old log-probs come without dropout: so must the update's log-probs
         self.terms, self.seed = dict(loss_terms), seed
         self.automatic_optimization = False
         self.sil_coef = 1.0  # c(t), pushed by the SILWarmup callback before each step
@@ -261,6 +265,19 @@ class PolicyLearner(PolicyModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.iteration_metrics = defaultdict(list, {k: list(v) for k, v in state.get("iteration_metrics", {}).items()})
         self._perf = dict(state.get("perf", self._perf))
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good (as TRL's ``disable_dropout``): every ``nn.Dropout`` and the attention dropout
+    that Hugging Face models read from their config while training."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # copied from the config at build time
+            m.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
 
 
 def _global_step_metrics(additive: dict[str, float], weighted: dict[str, float], tokens: float) -> dict[str, float]:
