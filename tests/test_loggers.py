@@ -133,9 +133,6 @@ def test_wandb_offline_run_holds_the_metrics_csv_rows_and_the_plot(tmp_path, mon
     assert (run_dir / "files" / images[0]["training_curves/filenames"][0]).stat().st_size > 0
 
 
-@pytest.mark.xfail(strict=True, reason="PolicyLearner._record also sends per-optimizer-step values to the "
-                   "logger (self.log_dict) under the iteration names (train/loss, policy/*): two series on two "
-                   "x axes in one tag. Remove when module.py stops it.")
 @pytest.mark.sandbox
 def test_every_logged_series_has_one_point_per_iteration(tmp_path):
     pytest.importorskip("tensorboard", reason="pip install -e '.[tensorboard]'")

@@ -241,7 +241,8 @@ class PolicyLearner(PolicyModule):
                  for k, v in metrics.items()}
         for k, v in named.items():
             self.iteration_metrics[k].append(v)
-        self.log_dict(named, on_step=True, on_epoch=False, batch_size=1, prog_bar=False)
+        # callback_metrics only: the logger gets one row per RL iteration (IterationReport), not per step
+        self.log_dict(named, on_step=True, on_epoch=False, batch_size=1, prog_bar=False, logger=False)
 
     def pop_iteration_metrics(self) -> dict[str, float]:
         """Mean of each train metric over the steps since the last call (one RL iteration)."""
