@@ -14,30 +14,35 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import ConfigRecord
-from spear_lit.training import checkpoints as ckpts
-from spear_lit.training.export import export_hf
+from spear_lit import config_check  # no torch: a refused value is reported before the heavy imports
+from spear_lit.config_check import ConfigError
 
 log = logging.getLogger("spear_lit")
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train from a composed config; returns ``(metrics, objects)`` (objects: learner, data, trainer).
 
-    Raises :class:`~spear_lit.training.checkpoints.CheckpointError` before any rollout when the run would
-    overwrite another run or the checkpoint cannot be resumed, and ``RunInterrupted`` (with the resume
-    command) when a signal stopped it after saving a checkpoint.
+    Raises, before any rollout, ``ConfigError`` for a bad value and ``CheckpointError`` when the run would
+    overwrite another run or the checkpoint cannot be resumed; ``RunInterrupted`` (with the resume command)
+    when a signal stopped it after saving a checkpoint.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"required config value(s) not set: {', '.join(missing)} (e.g. `python train.py {missing[0]}=...`)")
+    import lightning as L  # here, not at the top: `check` refuses bad values before torch/Lightning load
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from callbacks.checkpoint import ConfigRecord
+    from spear_lit.training import checkpoints as ckpts
+    from spear_lit.training.export import export_hf
+
+    check(cfg)
     ckpts.register_checkpoint_types()
     run_dir = Path(cfg.run_dir)
+    hint = lambda: ckpts.resume_hint(run_dir, ckpts.find_latest(run_dir)) if trainer.is_global_zero else ""
     # Processes Lightning launches for ranks > 0 re-run this script after rank 0 passed these checks.
     launched_child = os.environ.get("LOCAL_RANK", "0") != "0"
     ckpt = ckpts.resolve_resume(cfg.get("ckpt_path"), run_dir, check_dir=not launched_child)
@@ -57,9 +62,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         # weights_only: our own dataclasses are allow-listed (register_checkpoint_types), nothing else runs
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt, weights_only=True)
     except SIGTERMException as e:  # a SystemExit with code 0: make it an error that says how to resume
-        raise ckpts.RunInterrupted(f"stopped by SIGTERM; {_hint(trainer, run_dir)}") from e
+        raise ckpts.RunInterrupted(f"stopped by SIGTERM; {hint()}") from e
     if any(getattr(cb, "preempted", False) for cb in trainer.callbacks):
-        raise ckpts.RunInterrupted(f"preempted, checkpoint saved; {_hint(trainer, run_dir)}")
+        raise ckpts.RunInterrupted(f"preempted, checkpoint saved; {hint()}")
     if cfg.get("export_hf") and not trainer.interrupted:
         path = export_hf(learner, data.tokenizer, run_dir / "policy_hf")
         if trainer.is_global_zero:
@@ -68,13 +73,39 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"learner": learner, "data": data, "trainer": trainer}
 
 
-def _hint(trainer, run_dir: Path) -> str:
-    return ckpts.resume_hint(run_dir, ckpts.find_latest(run_dir)) if trainer.is_global_zero else ""
+def check(cfg: DictConfig) -> None:
+    """Refuse missing and bad values, naming the key (:class:`ConfigError`; spear_lit/config_check.py has
+    the rules); a single file where a list of files is expected becomes a one-element list in ``cfg``."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. `python train.py {missing[0]}=...`)")
+    fixes = config_check.check_config(OmegaConf.to_container(cfg, resolve=True),
+                                      OmegaConf.to_container(cfg, resolve=False), _primary())
+    for key, value in fixes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _primary() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        check(cfg)  # fast: the run's own keys and world sizes first, then the callables' signatures
+        _run(cfg)
+    except (ConfigError, InstantiationException) as e:  # a refused setting: one line, no traceback
+        if isinstance(e, InstantiationException) and os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # once, not per srun task
+            log.error("config error: %s", config_check.one_line(e))
+        sys.exit(2)
+
+
+def _run(cfg: DictConfig) -> None:
+    from spear_lit.training import checkpoints as ckpts  # torch and Lightning: after the cheap checks
+
     try:
         train(cfg)
     except ckpts.CheckpointError as e:
@@ -86,4 +117,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra composes: a misspelt top-level key, with or without `+`, named with the nearest one
+        config_check.check_command_line(sys.argv[1:], _primary(), {d.name for d in CONF.iterdir() if d.is_dir()})
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
