@@ -98,9 +98,14 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, InstantiationException) as e:  # a refused setting: one line, no traceback
         if isinstance(e, InstantiationException) and os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # once, not per srun task
-            log.error("config error: %s", config_check.one_line(e))
-        sys.exit(2)
+        _refuse(e)
+
+
+def _refuse(e: Exception) -> None:
+    """Exit with status 2 and one line (before Hydra configures logging it goes plainly to stderr)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # once, not per srun task
+        log.error("config error: %s", config_check.one_line(e))
+    sys.exit(2)
 
 
 def _run(cfg: DictConfig) -> None:
@@ -120,6 +125,5 @@ if __name__ == "__main__":
     try:  # before Hydra composes: a misspelt top-level key, with or without `+`, named with the nearest one
         config_check.check_command_line(sys.argv[1:], _primary(), {d.name for d in CONF.iterdir() if d.is_dir()})
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(e)
     main()
