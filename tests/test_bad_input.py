@@ -138,3 +138,36 @@ def test_world_size_unknown_before_launch_is_not_guessed():
     config["trainer"]["devices"] = 2
     with pytest.raises(ConfigError, match="prompts_per_iteration=3"):
         check_config(config, config, {"trainer": None, "data": None})
+
+
+# ------------------------------------------------------------------ the rules on hand-made configs
+def probe(*, n: int = 3, flags: dict[str, bool] | None = None, files: list[str] = (), **extra):
+    """A target for the rules below (found by the checker as ``test_bad_input.probe``)."""
+
+
+def strict(*, n: int = 3):
+    """A target without ``**kwargs``."""
+
+
+def test_a_value_is_reported_where_it_was_typed_through_interpolations():
+    raw = {"outer": {"k": "abc", "node": {"_target_": "test_bad_input.probe", "n": "${..k}"}},
+           "top": "${outer.node}"}
+    resolved = {"outer": {"k": "abc", "node": {"_target_": "test_bad_input.probe", "n": "abc"}},
+                "top": {"_target_": "test_bad_input.probe", "n": "abc"}}
+    with pytest.raises(ConfigError, match=r"^outer\.k='abc' must be an integer \(e\.g\. outer\.k=3\)$"):
+        check_config(resolved, raw, {"outer": None, "top": None})
+
+
+def test_signature_rules_on_a_hand_made_config():
+    primary = {"node": None}
+    ok = {"node": {"_target_": "test_bad_input.probe", "n": 1, "flags": {"a": True}, "files": "x.jsonl", "other": 1}}
+    assert check_config(ok, ok, primary) == {"node.files": ["x.jsonl"]}  # **extra takes 'other'
+    bad = {"node": {"_target_": "test_bad_input.probe", "flags": {"a": "yes"}}}
+    with pytest.raises(ConfigError, match=r"^node\.flags\.a='yes' must be true or false"):
+        check_config(bad, bad, primary)
+    typo = {"node": {"_target_": "test_bad_input.strict", "m": 1}}
+    with pytest.raises(ConfigError, match=r"unknown key 'node\.m': test_bad_input\.strict takes no such argument "
+                                          r"\(known: node\.n\)"):
+        check_config(typo, typo, primary)
+    with pytest.raises(ConfigError, match=r"unknown key 'nod' \(did you mean 'node'\?\)"):
+        check_config({"nod": 1}, {"nod": 1}, primary)
