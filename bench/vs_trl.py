@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,9 @@ def child(kind: str, model_dir: str, iterations: int, result: str) -> None:
             run_ours(model_dir, iterations, out, engine="vllm_cpu")
         else:
             {"trl": run_trl, "ours": run_ours, "floor": run_floor}[kind](model_dir, iterations, out)
+    out["torch_threads"] = torch.get_num_threads()  # after the run: no library raised it behind our back
+    use = resource.getrusage(resource.RUSAGE_SELF)  # blocked (voluntary) vs preempted (involuntary) switches
+    out["context_switches"] = {"voluntary": use.ru_nvcsw, "involuntary": use.ru_nivcsw}
     # wall and process-CPU seconds between consecutive optimizer-step ends (the first from the start of training)
     ends = out.pop("ends")
     out["iteration_s"] = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
