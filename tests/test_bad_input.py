@@ -86,6 +86,14 @@ def test_bad_input_is_refused_with_its_key_value_and_allowed_form(name, args, wo
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.csv").exists()
 
 
+def test_nested_typo_without_plus_is_named_by_hydra_and_its_hint_by_us(tmp_path):
+    """Hydra itself refuses ``data.grup_size=8`` (exit 1, the key named, no traceback) and suggests
+    ``+data.grup_size=8``, which the checker refuses with the nearest key (the ``typo-nested`` case)."""
+    proc = _run(["data.grup_size=8"], tmp_path / "run")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "data.grup_size" in out and "Traceback" not in out, out[-3000:]
+
+
 # ------------------------------------------------------------------ the friendly forms still work
 FRIENDLY = [
     ["+experiment=tiny_drbot"],
@@ -107,8 +115,11 @@ def test_friendly_forms_pass_the_checks_and_instantiate(overrides, tmp_path):
                         PRIMARY) == {}
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
-    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
-    assert learner is not None and data.B == cfg.data.prompts_per_iteration and callbacks
+    try:
+        callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
+        assert learner is not None and data.B == cfg.data.prompts_per_iteration and callbacks
+    finally:
+        data.teardown("fit")  # closes the agent: the tool's worker pool, an environment's processes
 
 
 def test_one_file_for_a_list_of_files_is_a_one_element_list(tmp_path):
