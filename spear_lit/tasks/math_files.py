@@ -59,7 +59,7 @@ def read_rows(path: str | Path) -> tuple[list[dict], list[str], list[str]]:
                 if not raw.strip():
                     continue
                 try:
-                    row = json.loads(raw.decode("utf-8"))
+                    row = json.loads(raw.decode("utf-8").rstrip())
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1})") from None
                 except json.JSONDecodeError as e:
