@@ -5,12 +5,10 @@ DDP and under ZeRO-2 / ZeRO-3 from the same seed: the first iteration samples fr
 the rollouts are identical, and with plain SGD the parameter update is lr x the gradient, so the updates
 must agree (fp32, different reduction order: measured 3.7e-9 against updates of ~1.5e-4).
 
-Today ZeRO runs and trains, but its update differs from DDP's (SGD: 4.5x smaller, cosine 0.75): DeepSpeed
-treats every ``backward`` as a gradient-accumulation boundary (GAS = 1), so each micro-batch's reduction
-replaces the previous one, and it averages over ranks where the loss's global normalizers need the sum.
-With ``engine.set_gradient_accumulation_boundary(k == last)`` before each micro-batch's backward and the loss
-scaled by the world size (as for FSDP2), ZeRO-2 matched DDP to 3.7e-9; the learner's grad-norm metric must
-then come from ``engine.get_global_grad_norm()`` (ZeRO partitions ``p.grad`` away; it reports 0 today).
+DeepSpeed treats every ``backward`` as a gradient-accumulation boundary unless told otherwise, and averages
+over ranks where the loss's global normalizers need the sum: the learner marks only the last micro-batch
+of a step as the boundary, scales the loss by the world size (as for FSDP2) and reads the grad norm from
+the engine (ZeRO partitions ``p.grad`` away). Without that, ZeRO's update was 4.5x smaller than DDP's.
 """
 
 from __future__ import annotations
@@ -58,11 +56,9 @@ def runs(tmp_path_factory):
 
     def get(kind):
         if kind not in cache:
-            # ZeRO-3 shards the parameters: the HF engine's generate must keep both ranks stepping together
-            # (synced_gpus; its auto-detection only knows FSDP2's DTensors)
+            # (ZeRO-3 shards the parameters: the HF engine detects it and keeps both ranks' generate in step)
             trainer = (["trainer=ddp", "trainer.accelerator=cpu"] if kind == "ddp" else
-                       ["trainer=deepspeed", f"trainer.strategy.stage={kind}"]
-                       + (["+rollout.synced_gpus=true"] if kind == 3 else []))
+                       ["trainer=deepspeed", f"trainer.strategy.stage={kind}"])
             cache[kind] = _train(tmp_path_factory.mktemp(f"run_{kind}"), trainer)
         return cache[kind]
     return get
@@ -77,10 +73,9 @@ def test_zero_rolls_out_and_steps_like_ddp_on_two_cpu_processes(stage, runs):
     assert update.abs().max() > 1e-6  # the exported (gathered) policy was trained
 
 
-@pytest.mark.xfail(strict=True, reason="spear_lit/training/module.py: DeepSpeed must see one gradient-accumulation "
-                                       "boundary per optimizer step (last micro-batch) and sum over ranks; "
-                                       "grad norm from the engine (see tests/test_deepspeed.py docstring)")
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.xfail(
+    strict=True, reason="ZeRO-3's update differs from DDP's (max 1.0e-4 on updates of ~1.5e-4, 45 % of the "
+    "elements): not yet understood (ZeRO-2 matches to 1e-7); measured 2026-11-29"))])
 def test_zero_update_and_grad_norm_equal_ddp(stage, runs):
     update, row = runs(stage)
     ddp_update, ddp_row = runs("ddp")

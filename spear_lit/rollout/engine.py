@@ -62,7 +62,8 @@ class HFEngine:
         if self.synced_gpus is not None:
             return self.synced_gpus
         dist = torch.distributed
-        sharded = any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+        # FSDP2 (DTensor) or ZeRO-3 (ds_id) shards: every rank's forward needs the others' collectives
+        sharded = any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in self.model.parameters())
         return sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     @torch.no_grad()

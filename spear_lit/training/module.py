@@ -160,9 +160,12 @@ class PolicyLearner(PolicyModule):
         weighted: dict[str, float] = defaultdict(float)  # token means: Σ value·tokens of each micro-batch
         tokens = 0.0
         scale = self._loss_scale() * (self.sil_coef if mb.is_replay else 1.0)
+        deepspeed = _is_deepspeed(self)
         for k, micro in enumerate(mb.micro_batches):
             micro = micro.cropped().to(self.device)
             loss, metrics = self._micro_loss(micro, mb, k)
+            if deepspeed:  # DeepSpeed reduces at a boundary only; every backward is one unless told otherwise
+                self.trainer.model.set_gradient_accumulation_boundary(k == len(mb.micro_batches) - 1)
             self.manual_backward(loss * scale)
             w = float(micro.response_mask.sum())
             tokens += w
@@ -172,13 +175,18 @@ class PolicyLearner(PolicyModule):
                 else:
                     weighted[name] += float(v) * w
         self._reduce_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if deepspeed:  # ZeRO partitions p.grad away; the engine clips by its config (learner.grad_clip) in step()
+            grad_norm = 0.0
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         sums = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
         elif math.isfinite(grad_norm) and all(math.isfinite(v) for k, v in sums.items() if k.startswith("loss")):
             opt.step()
+            if deepspeed:
+                grad_norm = float(self.trainer.model.get_global_grad_norm() or 0.0)
         else:
             self.skipped_steps += 1
             sums["train/skipped_nonfinite"] = 1.0
@@ -218,9 +226,9 @@ class PolicyLearner(PolicyModule):
         return total, metrics
 
     def _loss_scale(self) -> float:
-        # Losses use global normalizers, so the right gradient is the SUM over ranks. FSDP2 averages
-        # over the data-parallel group: undo it. Under DDP we all-reduce with SUM ourselves.
-        if _is_model_parallel(self) and dist.is_initialized():
+        # Losses use global normalizers, so the right gradient is the SUM over ranks. FSDP2 and DeepSpeed
+        # average over the data-parallel group: undo it. Under DDP we all-reduce with SUM ourselves.
+        if (_is_model_parallel(self) or _is_deepspeed(self)) and dist.is_initialized():
             return float(dist.get_world_size())
         return 1.0
 
@@ -289,6 +297,14 @@ def _global_step_metrics(additive: dict[str, float], weighted: dict[str, float],
     out = dict(zip(a, total[:len(a)]))
     out.update({k: v / max(total[-1], 1.0) for k, v in zip(w, total[len(a):-1])})
     return out
+
+
+def _is_deepspeed(module: L.LightningModule) -> bool:
+    try:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+        return isinstance(module.trainer.strategy, DeepSpeedStrategy)
+    except RuntimeError:  # not attached to a trainer
+        return False
 
 
 def _is_model_parallel(module: L.LightningModule) -> bool:
