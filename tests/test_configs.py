@@ -103,6 +103,8 @@ def test_config_composes_and_instantiates(group, option, inputs, tmp_path):
         pytest.skip("bubblewrap is not installed (the sandboxed tool checks it at construction)")
     if (group, option) == ("logger", "mlflow") and importlib.util.find_spec("mlflow") is None:
         pytest.skip("mlflow is not installed (tests/test_loggers.py checks the install message)")
+    if (group, option) == ("trainer", "deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]'; .ci/run installs it)")
     base = _overrides(group, option, tmp_path)
     extra, large = _required(_compose(base), option, inputs)
     cfg = _compose(base + extra)
