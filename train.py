@@ -98,13 +98,13 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, InstantiationException) as e:  # a refused setting: one line, no traceback
         if isinstance(e, InstantiationException) and os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        _refuse(e)
+        _refuse(e, OmegaConf.to_container(cfg, resolve=False))
 
 
-def _refuse(e: Exception) -> None:
+def _refuse(e: Exception, raw: dict | None = None) -> None:
     """Exit with status 2 and one line (before Hydra configures logging it goes plainly to stderr)."""
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # once, not per srun task
-        log.error("config error: %s", config_check.one_line(e))
+        log.error("config error: %s", config_check.one_line(e, raw))
     sys.exit(2)
 
 

@@ -88,11 +88,13 @@ def check_config(config: dict, raw: dict, primary: dict) -> dict[str, list]:
     return fixes
 
 
-def one_line(error: Exception) -> str:
+def one_line(error: Exception, raw: dict | None = None) -> str:
     """An instantiation error as one line: the failing constructor's own message, after the config key
-    Hydra names in its ``full_key: ...`` line (e.g. ``task: /data/x.jsonl:3: not valid JSON ...``)."""
+    Hydra names in its ``full_key: ...`` line, taken back through interpolations when the unresolved
+    config ``raw`` is given (``data.agent.task`` → ``task: /data/x.jsonl:3: not valid JSON ...``)."""
     text = str(error)
     key = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("full_key:")), "")
+    key = _source(key, raw) if key and raw else key
     msg = " ".join(str(error.__cause__ or error).split())
     if error.__cause__ is None:
         return " ".join(text.split())

@@ -46,7 +46,8 @@ CASES = [
     ("list-length", ["learner.optimizer.betas=[0.9]"], ["learner.optimizer.betas=[0.9]", "a list of 2 numbers",
                                                           "e.g. learner.optimizer.betas=[0.9,0.999]"]),
     ("choice", ["trainer.precision=33"], ["trainer.precision=33", "must be one of", "32-true", "bf16-mixed"]),
-    ("jsonl-line", ["task=math_files", "task.train_files=[{bad}]", "task.val_files=[{good}]"], ["bad.jsonl:3", "not valid JSON"]),
+    ("jsonl-line", ["task=math_files", "task.train_files=[{bad}]", "task.val_files=[{good}]"],
+     ["config error: task: ", "bad.jsonl:3: not valid JSON", "column 33"]),  # the end of line 3
     ("ckpt-text", ["ckpt_path={ckpt}"], ["ckpt_path=", "last.ckpt", "not a readable Lightning checkpoint"]),
     ("typo-plus", ["+iteraions=5"], ["'iteraions'", "did you mean 'iterations'?"]),
     ("typo", ["iteraions=5"], ["'iteraions'", "did you mean 'iterations'?"]),
@@ -59,7 +60,7 @@ CASES = [
     ("fsdp-mesh", ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.data_parallel_size=4"],
      ["trainer.strategy.data_parallel_size=4", "must equal the world size 2", "e.g. trainer.strategy.data_parallel_size=2"]),
     ("vllm-tp", ["rollout=vllm_cpu", "rollout.tensor_parallel_size=2"], ["rollout.tensor_parallel_size=2", "must divide the world size 1"]),
-    ("constructor", ["model.dtype=int3"], ["model.dtype='int3'", "float32, bfloat16, float16"]),
+    ("constructor", ["model.dtype=int3"], ["config error: model.dtype='int3'", "float32, bfloat16, float16"]),
     ("missing", ["model=hf"], ["model.path", "not set"]),
 ]
 
