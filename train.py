@@ -37,9 +37,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     from callbacks.checkpoint import ConfigRecord
     from spear_lit.training import checkpoints as ckpts
+    from spear_lit.training.console import quiet
     from spear_lit.training.export import export_hf
 
     check(cfg)
+    quiet()
     ckpts.register_checkpoint_types()
     run_dir = Path(cfg.run_dir)
     hint = lambda: ckpts.resume_hint(run_dir, ckpts.find_latest(run_dir)) if trainer.is_global_zero else ""
@@ -91,7 +93,14 @@ def _primary() -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line; the full config is a file
+        from hydra.core.hydra_config import HydraConfig
+
+        c, out = HydraConfig.get().runtime.choices, HydraConfig.get().runtime.output_dir
+        log.info("experiment %s | model %s | task %s | algorithm %s | rollout %s | trainer %s | run dir %s "
+                 "(config: %s/.hydra/config.yaml)", c.get("experiment", "tiny_spear (default)"),
+                 cfg.model.get("path") or c.get("model"), c.get("task"), c.get("loss"), c.get("rollout"),
+                 c.get("trainer"), cfg.run_dir, out)
     try:
         check(cfg)  # fast: the run's own keys and world sizes first, then the callables' signatures
         _run(cfg)
