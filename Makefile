@@ -64,16 +64,19 @@ tiny-checkpoint: setup
 	rm -rf spear_lit/assets/tiny-math-sft && mkdir -p spear_lit/assets
 	cp -r runs/sft_tiny/policy_hf spear_lit/assets/tiny-math-sft
 
-# builtin:tiny-explore-sft, the rare-success cold start of the exploration task (task=two_step), in two SFT
-# stages from builtin:tiny-math-sft (~10 min on 2 idle cores): traces that make the second, dependent tool
-# call 15 % of the time (the new prompt and the first call), then 30 % (copying the second operand).
+# builtin:tiny-explore-sft, the rare-success cold start of the exploration task (task=two_step), in three SFT
+# stages from builtin:tiny-math-sft (~20 min on 2 idle cores, 45 min under load): expert traces that make the
+# second, dependent tool call 15 % of the time (learns the prompt and the first call), then 30 % (learns to
+# copy the second operand), then 10 % (sets the rare decision: ~6 % sampled success, 0 % greedy).
 explore-checkpoint: setup
-	rm -rf runs/sft_explore runs/sft_explore_b
+	rm -rf runs/sft_explore runs/sft_explore_b runs/sft_explore_c
 	$(BIN)/python train.py +experiment=sft_explore run_dir=runs/sft_explore
 	$(BIN)/python train.py +experiment=sft_explore run_dir=runs/sft_explore_b model.path=runs/sft_explore/policy_hf \
 	  task.p_second_call=0.3 trainer.max_steps=300 data.num_examples=9600 data.seed=1
+	$(BIN)/python train.py +experiment=sft_explore run_dir=runs/sft_explore_c model.path=runs/sft_explore_b/policy_hf \
+	  task.p_second_call=0.1 trainer.max_steps=100 data.num_examples=3200 data.seed=2
 	mkdir -p spear_lit/assets/tiny-explore-sft  # its README.md stays
-	cp -r runs/sft_explore_b/policy_hf/. spear_lit/assets/tiny-explore-sft/
+	cp -r runs/sft_explore_c/policy_hf/. spear_lit/assets/tiny-explore-sft/
 
 # The efficacy study (bench/efficacy.py): GRPO, Dr.BoT and SPEAR on the arithmetic and the exploration task,
 # seeds 0 1 2, 60 iterations; resumable (run it again after an interruption). ARGS adds e.g. --iterations 30.
