@@ -122,7 +122,8 @@ def summarize(d: Path) -> dict:
     log = d / "train.log"
     if log.exists():  # the closing summary of the last invocation: "val/<task>/accuracy  <start> -> <end>"
         for key, s, _ in _START.findall(log.read_text(errors="replace")):
-            start[key] = float(s)
+            if s != "nan":  # a resumed invocation has no iteration-0 validation: keep the first one's
+                start[key] = float(s)
     return {
         "task": task,
         "held-out greedy": _last(rows, greedy), "held-out sampled": _last(rows, sampled),
