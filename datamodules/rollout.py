@@ -208,6 +208,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _rollout(self, t: int, rank: int, ws: int) -> tuple[list[Sample], float]:
         sync = self._sampling()
+        if hasattr(self.agent, "pop_stats"):
+            self.agent.pop_stats()  # count this rollout's tool calls only (validation's go elsewhere)
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(self.seed, t, rank, "train"))

@@ -189,7 +189,7 @@ def test_exactly_one_source_of_demonstrations(tmp_path):
 # ------------------------------------------------------------------------------------------ tiny runs
 
 TINY = ["model.path=null", "iterations=2", "data.prompts_per_iteration=2", "data.group_size=2",
-        "data.agent.max_steps=3", "max_response_len=12", "data.mini_batch_rows=8", "data.micro_batch_rows=8",
+        "data.agent.max_steps=3", "max_response_len=40", "data.mini_batch_rows=8", "data.micro_batch_rows=8",
         "data.val_max_problems=2", "data.agent.eval_envs=2", "callbacks.validation.every_n_iterations=1",
         "spear.buffer_size=2", "trainer.logger=null", "export_hf=false"]
 
