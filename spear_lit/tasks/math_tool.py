@@ -37,7 +37,36 @@ def in_val_half(expr: str) -> bool:
     return hashlib.sha256(expr.encode()).digest()[0] & 1 == 1
 
 
-class ArithmeticToolTask:
+class DrawnProblems:
+    """Training and validation problems drawn by the task's ``_draw(rng, val)`` from two disjoint halves of
+    the problem space, scored by its ``_scorer``; shared by the generated math tasks."""
+
+    def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
+        """``n`` independent training draws (never in the validation half; repeats possible)."""
+        return [self._draw(rng, val=False) for _ in range(n)]
+
+    def val_problems(self) -> list[Problem]:
+        """The fixed validation set: ``val_size`` distinct val-half problems (cached)."""
+        if self._val is None:
+            rng, seen, out = random.Random(self.val_seed), set(), []
+            for _ in range(100 * self.val_size + 100):
+                if len(out) == self.val_size:
+                    break
+                p = self._draw(rng, val=True)
+                if p.prompt not in seen:
+                    seen.add(p.prompt)
+                    out.append(p)
+            if len(out) < self.val_size:
+                raise ValueError(f"only {len(out)} distinct validation problems exist; lower val_size")
+            self._val = out
+        return list(self._val)
+
+    def score(self, response: str, problem: Problem) -> tuple[float, str | None]:
+        """``(+1 | -1, prediction)`` with the configured scorer."""
+        return self._scorer(response, problem.answer)
+
+
+class ArithmeticToolTask(DrawnProblems):
     """Integer arithmetic problems with a code tool, and ReTool-style expert traces for cold-start SFT.
 
     Templates (operands have ``digits[0]..digits[1]`` digits, chosen per operand):
@@ -134,31 +163,7 @@ class ArithmeticToolTask:
                 return self.make_problem(expr, template)
         raise RuntimeError("could not draw a problem from the requested half; widen digits/num_terms")
 
-    def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
-        """``n`` independent training draws (never in the validation half; repeats possible)."""
-        return [self._draw(rng, val=False) for _ in range(n)]
-
-    def val_problems(self) -> list[Problem]:
-        """The fixed validation set: ``val_size`` distinct val-half problems (cached)."""
-        if self._val is None:
-            rng, seen, out = random.Random(self.val_seed), set(), []
-            for _ in range(100 * self.val_size + 100):
-                if len(out) == self.val_size:
-                    break
-                p = self._draw(rng, val=True)
-                if p.prompt not in seen:
-                    seen.add(p.prompt)
-                    out.append(p)
-            if len(out) < self.val_size:
-                raise ValueError(f"only {len(out)} distinct validation problems exist; lower val_size")
-            self._val = out
-        return list(self._val)
-
     # -- scoring and expert traces ----------------------------------------------------------------
-    def score(self, response: str, problem: Problem) -> tuple[float, str | None]:
-        """``(+1 | -1, prediction)`` with the configured scorer."""
-        return self._scorer(response, problem.answer)
-
     def expert_episode(self, problem: Problem, rng: random.Random) -> list[dict]:
         """The assistant/tool turns of an expert episode, as chat messages.
 

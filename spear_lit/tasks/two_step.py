@@ -28,7 +28,7 @@ import hashlib
 import random
 
 from spear_lit.tasks.base import Problem
-from spear_lit.tasks.math_tool import evaluate, in_val_half
+from spear_lit.tasks.math_tool import DrawnProblems, evaluate, in_val_half
 from spear_lit.tasks.prompts import resolve_system_prompt
 from spear_lit.tasks.scoring import get_scorer
 from spear_lit.tasks.toolcall import format_tool_call
@@ -36,7 +36,7 @@ from spear_lit.tasks.toolcall import format_tool_call
 OPS = ("+", "-", "*")
 
 
-class TwoStepToolTask:
+class TwoStepToolTask(DrawnProblems):
     """``Let x=a*b. Compute x∘c.``: answerable by a tiny policy only with two dependent tool calls.
 
     The full expression ``a*b∘c`` decides the train/validation half (:func:`~spear_lit.tasks.math_tool.
@@ -103,31 +103,7 @@ class TwoStepToolTask:
                 return self.make_problem(first, op, c)
         raise RuntimeError("could not draw a problem from the requested half; widen digits")
 
-    def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
-        """``n`` independent training draws (never in the validation half; repeats possible)."""
-        return [self._draw(rng, val=False) for _ in range(n)]
-
-    def val_problems(self) -> list[Problem]:
-        """The fixed validation set: ``val_size`` distinct val-half problems (cached)."""
-        if self._val is None:
-            rng, seen, out = random.Random(self.val_seed), set(), []
-            for _ in range(100 * self.val_size + 100):
-                if len(out) == self.val_size:
-                    break
-                p = self._draw(rng, val=True)
-                if p.prompt not in seen:
-                    seen.add(p.prompt)
-                    out.append(p)
-            if len(out) < self.val_size:
-                raise ValueError(f"only {len(out)} distinct validation problems exist; lower val_size")
-            self._val = out
-        return list(self._val)
-
     # -- scoring and expert traces ----------------------------------------------------------------
-    def score(self, response: str, problem: Problem) -> tuple[float, str | None]:
-        """``(+1 | -1, prediction)`` with the configured scorer."""
-        return self._scorer(response, problem.answer)
-
     def expert_episode(self, problem: Problem, rng: random.Random) -> list[dict]:
         """The assistant/tool turns of an expert episode: the first call always; then, with probability
         ``p_second_call``, the second call on the printed ``x`` and the right answer, else ``x`` boxed
