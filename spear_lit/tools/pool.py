@@ -37,6 +37,7 @@ from spear_lit.tools.sandbox import (
     WORK_DIR,
     ExecResult,
     Limits,
+    bwrap_base,
     shielded_spawn,
 )
 
@@ -52,23 +53,7 @@ def worker_command(bwrap: str, python: str, limits: Limits, worker_args: dict,
                    extra_ro_binds: tuple[str, ...] = ()) -> list[str]:
     """bubblewrap running :mod:`~spear_lit.tools.sandbox_worker` as the sandbox's PID 1."""
     tmpfs = str(limits.tmpfs_mb << 20)
-    cmd = [
-        bwrap,
-        "--unshare-all", "--unshare-user", "--disable-userns",  # all namespaces; no nested user namespaces
-        "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-        "--as-pid-1",  # the worker is init: immune to signals from the sandbox, reaper of its orphans
-        "--die-with-parent", "--new-session",
-        "--clearenv", "--setenv", "PATH", MIN_PATH, "--setenv", "HOME", WORK_DIR,
-        "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--setenv", "LANG", "C.UTF-8",
-        "--ro-bind", "/usr", "/usr",
-    ]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):  # merged-/usr symlinks, or dirs
-        if os.path.islink(top):
-            cmd += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            cmd += ["--ro-bind", top, top]
-    for path in extra_ro_binds:
-        cmd += ["--ro-bind", path, path]
+    cmd = bwrap_base(bwrap, extra_ro_binds, as_pid_1=True)
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
         "--size", tmpfs, "--tmpfs", "/dev/shm",  # bwrap's /dev is an uncapped tmpfs: cap shm, freeze the rest

@@ -139,13 +139,14 @@ class Limits:
 
 
 # fmt: off
-def bwrap_command(bwrap: str, python: str, limits: Limits, extra_ro_binds: tuple[str, ...] = ()) -> list[str]:
-    """The bubblewrap command line that runs :data:`PRELUDE` with ``python`` in a fresh sandbox."""
-    tmpfs_bytes = str(limits.tmpfs_mb << 20)
+def bwrap_base(bwrap: str, extra_ro_binds: tuple[str, ...] = (), *, as_pid_1: bool = False) -> list[str]:
+    """What every sandbox shares: all namespaces, uid 65534, a clean environment, a read-only system.
+    ``as_pid_1``: the sandboxed program is the namespace's init (the pool's long-lived worker)."""
     cmd = [
         bwrap,
         "--unshare-all", "--unshare-user", "--disable-userns",  # all namespaces; no nested user namespaces
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+        *(["--as-pid-1"] if as_pid_1 else []),  # init: immune to signals from the sandbox, reaper of orphans
         "--die-with-parent",  # the sandbox dies with the thread that spawned it
         "--new-session",  # no TIOCSTI into a controlling terminal
         "--clearenv", "--setenv", "PATH", MIN_PATH, "--setenv", "HOME", WORK_DIR,
@@ -159,6 +160,13 @@ def bwrap_command(bwrap: str, python: str, limits: Limits, extra_ro_binds: tuple
             cmd += ["--ro-bind", top, top]
     for path in extra_ro_binds:
         cmd += ["--ro-bind", path, path]
+    return cmd
+
+
+def bwrap_command(bwrap: str, python: str, limits: Limits, extra_ro_binds: tuple[str, ...] = ()) -> list[str]:
+    """The bubblewrap command line that runs :data:`PRELUDE` with ``python`` in a fresh sandbox."""
+    tmpfs_bytes = str(limits.tmpfs_mb << 20)
+    cmd = bwrap_base(bwrap, extra_ro_binds)
     cmd += [
         "--proc", "/proc", "--dev", "/dev",
         "--size", tmpfs_bytes, "--tmpfs", "/tmp",  # RAM-backed and capped: many small files can't fill a disk
