@@ -41,6 +41,21 @@ class DrawnProblems:
     """Training and validation problems drawn by the task's ``_draw(rng, val)`` from two disjoint halves of
     the problem space, scored by its ``_scorer``; shared by the generated math tasks."""
 
+    def _setup(self, name: str, digits: tuple[int, int], val_size: int, val_seed: int, scorer: str,
+               system_prompt: str | None) -> None:
+        """The settings every generated task has (operand sizes, validation set, scorer, system prompt)."""
+        if not 1 <= digits[0] <= digits[1]:
+            raise ValueError(f"digits must satisfy 1 <= min <= max, got {digits}")
+        self.name, self.digits = name, tuple(digits)
+        self.val_size, self.val_seed = val_size, val_seed
+        self.scorer_name, self._scorer = scorer, get_scorer(scorer)
+        self.system_prompt = resolve_system_prompt(system_prompt)
+        self._val: list[Problem] | None = None
+
+    def _operand(self, rng: random.Random) -> str:
+        d = rng.randint(*self.digits)
+        return str(rng.randint(10 ** (d - 1), 10**d - 1))
+
     def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
         """``n`` independent training draws (never in the validation half; repeats possible)."""
         return [self._draw(rng, val=False) for _ in range(n)]
@@ -118,24 +133,15 @@ class ArithmeticToolTask(DrawnProblems):
             raise ValueError(f"templates must be a non-empty subset of {TEMPLATES}, got {templates}")
         if not ops or not set(ops) <= set(OPS):
             raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops}")
-        if not 1 <= digits[0] <= digits[1]:
-            raise ValueError(f"digits must satisfy 1 <= min <= max, got {digits}")
+        self._setup(name, digits, val_size, val_seed, scorer, system_prompt)
         if not 2 <= num_terms[0] <= num_terms[1]:
             raise ValueError(f"num_terms must satisfy 2 <= min <= max, got {num_terms}")
         if not 0.0 <= p_no_tool <= 1.0:
             raise ValueError(f"p_no_tool must be in [0, 1], got {p_no_tool}")
-        self.name, self.templates, self.ops = name, templates, ops
-        self.digits, self.num_terms = tuple(digits), tuple(num_terms)
-        self.val_size, self.val_seed, self.p_no_tool = val_size, val_seed, p_no_tool
-        self.scorer_name, self._scorer = scorer, get_scorer(scorer)
-        self.system_prompt = resolve_system_prompt(system_prompt)
-        self._val: list[Problem] | None = None
+        self.templates, self.ops = templates, ops
+        self.num_terms, self.p_no_tool = tuple(num_terms), p_no_tool
 
     # -- generation -------------------------------------------------------------------------------
-    def _operand(self, rng: random.Random) -> str:
-        d = rng.randint(*self.digits)
-        return str(rng.randint(10 ** (d - 1), 10**d - 1))
-
     def _expression(self, rng: random.Random) -> tuple[str, str]:
         """One random ``(template, expression)``."""
         template = rng.choice(self.templates)

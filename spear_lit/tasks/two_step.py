@@ -29,8 +29,6 @@ import random
 
 from spear_lit.tasks.base import Problem
 from spear_lit.tasks.math_tool import DrawnProblems, evaluate, in_val_half
-from spear_lit.tasks.prompts import resolve_system_prompt
-from spear_lit.tasks.scoring import get_scorer
 from spear_lit.tasks.toolcall import format_tool_call
 
 OPS = ("+", "-", "*")
@@ -69,21 +67,12 @@ class TwoStepToolTask(DrawnProblems):
         ops = tuple(ops)
         if not ops or not set(ops) <= set(OPS):
             raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops}")
-        if not 1 <= digits[0] <= digits[1]:
-            raise ValueError(f"digits must satisfy 1 <= min <= max, got {digits}")
+        self._setup(name, digits, val_size, val_seed, scorer, system_prompt)
         if not 0.0 <= p_second_call <= 1.0:
             raise ValueError(f"p_second_call must be in [0, 1], got {p_second_call}")
-        self.name, self.ops, self.digits = name, ops, tuple(digits)
-        self.val_size, self.val_seed, self.p_second_call = val_size, val_seed, p_second_call
-        self.scorer_name, self._scorer = scorer, get_scorer(scorer)
-        self.system_prompt = resolve_system_prompt(system_prompt)
-        self._val: list[Problem] | None = None
+        self.ops, self.p_second_call = ops, p_second_call
 
     # -- generation -------------------------------------------------------------------------------
-    def _operand(self, rng: random.Random) -> str:
-        d = rng.randint(*self.digits)
-        return str(rng.randint(10 ** (d - 1), 10**d - 1))
-
     def make_problem(self, first: str, op: str, c: str) -> Problem:
         """``Let x=<first>. Compute x<op><c>.`` (``meta``: ``first``, ``second`` = ``"<op><c>"``, ``expr``).
 
