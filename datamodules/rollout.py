@@ -180,9 +180,9 @@ class RolloutDataModule(L.LightningDataModule):
         stats["filter/groups_dropped"] = float(dropped)
         self._check_tool(t, stats)
         logp_start = time.perf_counter()
-        steps = self._on_policy_steps(batch, t)
+        stats["policy/entropy"] = self._fill_old_logp(batch)  # pre-update (the updates': policy/entropy_update)
         stats["perf/old_logp_s"] = time.perf_counter() - logp_start
-        stats["policy/entropy"] = self.entropy  # pre-update (the update passes' is policy/entropy_update)
+        steps = self._on_policy_steps(batch, t)
         stats["perf/score_s"] = score_s
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
@@ -319,8 +319,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ batching
     def _on_policy_steps(self, batch: TokenBatch, t: int) -> list[MiniBatch]:
-        """Old log-probs, then ``ppo_epochs`` passes of mini-batches; identical step counts on all ranks."""
-        self.entropy = self._fill_old_logp(batch)
+        """``ppo_epochs`` passes of mini-batches (old log-probs filled); identical step counts on all ranks."""
         counts = all_gather_objects(len(batch))
         offset = sum(counts[:world()[0]])
         steps = self._mini_batches(batch, list(range(offset, offset + len(batch))), sum(counts), "on_policy", t)
