@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from spear_lit.algos import ReplayBuffer
-from spear_lit.rollout.batch import TokenBatch
+from spear_lit.batch import TokenBatch
 from spear_lit.training.dist import all_gather_objects, world
 
 

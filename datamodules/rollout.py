@@ -37,10 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.replay import ShardedReplay
 from spear_lit.algos import has_repeated_ngrams, is_overlong, is_unreadable, low_variance_group_mask
-from spear_lit.rollout.agent import Sample
-from spear_lit.rollout.batch import TokenBatch
+from spear_lit.batch import MiniBatch, Normalizers, Sample, TokenBatch
 from spear_lit.training.dist import all_gather_objects, all_reduce, world
-from spear_lit.training.minibatch import MiniBatch, Normalizers
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +49,11 @@ class RolloutDataModule(L.LightningDataModule):
     """Streams SPEAR's mini-batches, rolling out each RL iteration on demand.
 
     Args:
-        agent: the agent loop and its task (:class:`spear_lit.rollout.agent.Agent`): ``ToolAgent`` (math
+        agent: the agent loop and its task (:class:`spear_lit.rollout.protocol.Agent`): ``ToolAgent`` (math
             with a code interpreter, one row per episode) or ``EnvAgent`` (ALFWorld/WebShop, one row per step).
-        engine: a rollout engine (:mod:`spear_lit.rollout.engine`).
+        engine: a rollout engine (:mod:`spear_lit.rollout.hf_engine`).
         advantage: ``(rewards, group_ids, step_returns, anchor_ids) -> [N]``
-            (:mod:`spear_lit.training.advantage`: ``grpo`` or ``gigpo``).
+            (:mod:`datamodules.variants`: ``grpo`` or ``gigpo``).
         toolcall_bonus: ``(num_calls [N], correct [N], weight) -> [N]`` (SPEAR_SPEC §7); ``None`` = no bonus.
         iterations: number of RL iterations (top-level ``iterations``).
         prompts_per_iteration: ``B`` prompts (or initial states) per iteration, over all ranks.

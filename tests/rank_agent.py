@@ -16,7 +16,8 @@ from pathlib import Path
 
 import lightning as L
 
-from spear_lit.rollout.agent import Sample, shard_range
+from spear_lit.batch import Sample
+from spear_lit.rollout.protocol import shard_range
 
 
 class DeterministicAgent:

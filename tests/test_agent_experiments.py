@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from spear_lit.policy import builtin_checkpoint, byte_chat_tokenizer
-from spear_lit.rollout.agent import Sample
+from spear_lit.batch import Sample
 from train import train
 
 EXPERIMENTS = sorted(p.stem for pattern in ("alfworld_*.yaml", "webshop_*.yaml")
@@ -178,7 +178,7 @@ def test_sft_rows_are_the_agent_experts_steps_and_a_few_steps_train(tmp_path):
 
 
 def test_exactly_one_source_of_demonstrations(tmp_path):
-    from datamodules.expert import ExpertTraceDataModule
+    from datamodules.expert_data import ExpertTraceDataModule
 
     with pytest.raises(ValueError, match="exactly one of `task`"):
         ExpertTraceDataModule(None, agent=None)
@@ -235,7 +235,7 @@ def test_alfworld_tiny_spear_generates_its_games_once_and_trains(tmp_path):
 
 def test_gigpo_step_term_reaches_rows_of_a_group_that_share_an_anchor(tmp_path):
     cfg, _ = _compose("webshop_tiny_spear", tmp_path, [
-        "data.advantage._target_=spear_lit.training.advantage.gigpo", "+data.advantage.step_weight=1.0",
+        "data.advantage._target_=datamodules.variants.gigpo", "+data.advantage.step_weight=1.0",
         "data.advantage.norm_by_std=true"])
     data = instantiate(cfg.data, _convert_="all")
 

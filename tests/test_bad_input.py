@@ -101,7 +101,7 @@ FRIENDLY = [
     ["+term@loss.terms.entropy=entropy", "loss.terms.entropy.coef=0.01"],
     ["+callbacks.log._target_=helpers.StepLog", "+callbacks.log.out_dir=/tmp/x"],
     ["++trainer.num_nodes=1", "++trainer.devices=1", "+trainer.detect_anomaly=false"],
-    ["data.advantage._target_=spear_lit.training.advantage.gigpo", "+data.advantage.step_weight=0.5"],
+    ["data.advantage._target_=datamodules.variants.gigpo", "+data.advantage.step_weight=0.5"],
     ["learner.optimizer.lr=1", "data.val_max_problems=null", "learner.optimizer.betas=[0.8,0.9]"],
     ["trainer=ddp", "trainer.accelerator=cpu", "data.prompts_per_iteration=4"],
     ["agent@data.agent=webshop_tiny", "data.agent.max_steps=5"],

@@ -24,7 +24,7 @@ from spear_lit.envs.base import StepResult
 from spear_lit.envs.webshop import WebShopEnv
 from spear_lit.policy import PolicySource
 from spear_lit.rollout import HFEngine
-from spear_lit.rollout.env_loop import episodes_to_samples, match_admissible, parse_action, run_env_episodes
+from spear_lit.rollout.env_loop import episodes_to_samples, match_admissible, parse_env_action, run_env_episodes
 
 SRC = PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                          "num_attention_heads": 2, "num_key_value_heads": 1})
@@ -104,10 +104,10 @@ def run(envs, engine, **kw):
 
 
 def test_parse_and_match():
-    assert parse_action("<think>a</think><action>x</action> then <action> go to shelf 1 </action>") == "go to shelf 1"
-    assert parse_action("<action>go</action>") is None  # no <think> block (verl-agent's rule)
-    assert parse_action("<action>go</action>", require_think=False) == "go"
-    assert parse_action("<think></think><action>  </action>") is None and parse_action("<think>") is None
+    assert parse_env_action("<think>a</think><action>x</action> then <action> go to shelf 1 </action>") == "go to shelf 1"
+    assert parse_env_action("<action>go</action>") is None  # no <think> block (verl-agent's rule)
+    assert parse_env_action("<action>go</action>", require_think=False) == "go"
+    assert parse_env_action("<think></think><action>  </action>") is None and parse_env_action("<think>") is None
     adm = ["search[<query>]", "click[buy now]"]
     assert match_admissible("Click[Buy Now]", adm) == "click[buy now]"
     assert match_admissible("search[red shoes]", adm) == "search[red shoes]"

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spear_lit.agents.env_prompts import AlfWorldPrompt, WebShopPrompt
-from spear_lit.rollout.env_loop import match_admissible, parse_action
+from spear_lit.rollout.env_loop import match_admissible, parse_env_action
 from spear_lit.tasks.toolcall import format_tool_call, has_final_answer, parse_tool_calls
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,7 +111,7 @@ def test_many_unclosed_tags_parse_in_linear_time():
 @FUZZ
 @given(texty, st.lists(st.text(max_size=12), max_size=6), st.booleans())
 def test_env_action_parsers_on_arbitrary_text(text, admissible, require_think):
-    action = parse_action(text, require_think=require_think)
+    action = parse_env_action(text, require_think=require_think)
     assert action is None or (isinstance(action, str) and action == action.strip() and action)
     for candidate in filter(None, [action, text]):
         sent = match_admissible(candidate, admissible)

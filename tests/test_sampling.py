@@ -150,7 +150,7 @@ def test_hf_engine_greedy_is_the_argmax_despite_the_checkpoint_config(ckpt):
 
 
 def test_old_logprobs_are_computed_with_dropout_off(ckpt):
-    from spear_lit.rollout.batch import TokenBatch
+    from spear_lit.batch import TokenBatch
     from spear_lit.training.module import PolicyLearner
 
     learner = PolicyLearner(PolicySource(str(ckpt)), {"none": lambda *a, **k: None}, lambda p: torch.optim.SGD(p, lr=0.0))

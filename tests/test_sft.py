@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spear_lit.policy import PolicySource
-from spear_lit.rollout.batch import TokenBatch
+from spear_lit.batch import TokenBatch
 from spear_lit.training.sft import SFTLearner
 
 

@@ -8,9 +8,8 @@ from hydra.utils import instantiate
 
 from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm, token_mean
 from spear_lit.policy import PolicySource
-from spear_lit.rollout.batch import TokenBatch
+from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
 from spear_lit.training import EntropyTerm, PolicyLearner, PolicyTerm
-from spear_lit.training.minibatch import MiniBatch, Normalizers
 from train import train
 
 

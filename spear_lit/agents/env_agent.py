@@ -12,7 +12,8 @@ import weakref
 from collections.abc import Callable
 
 from spear_lit.envs.base import TextEnv
-from spear_lit.rollout.agent import Sample, shard_range
+from spear_lit.batch import Sample
+from spear_lit.rollout.protocol import shard_range
 from spear_lit.rollout.env_loop import (
     EnvEpisode,
     HistoryItem,

@@ -6,7 +6,8 @@ import random
 import time
 from collections.abc import Callable
 
-from spear_lit.rollout.agent import Sample, shard_range
+from spear_lit.batch import Sample
+from spear_lit.rollout.protocol import shard_range
 from spear_lit.rollout.chat import prompt_ids
 from spear_lit.rollout.tool_loop import run_tool_episodes
 from spear_lit.tasks.toolcall import has_final_answer

@@ -24,9 +24,9 @@ import torch
 
 from spear_lit.algos import discounted_returns
 from spear_lit.envs.base import StepResult, TextEnv
-from spear_lit.rollout.agent import Sample
+from spear_lit.batch import Sample
 from spear_lit.rollout.chat import prompt_ids as chat_prompt_ids
-from spear_lit.rollout.engine import RolloutEngine
+from spear_lit.rollout.hf_engine import RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class EnvEpisode:
         return sum(s.reward for s in self.steps)
 
 
-def parse_action(text: str, *, require_think: bool = True) -> str | None:
+def parse_env_action(text: str, *, require_think: bool = True) -> str | None:
     """The stripped text of the *last* ``<action>…</action>`` block; ``None`` if there is none, it is empty,
     or (``require_think``, as verl-agent's projection) the response has no ``<think>…</think>`` block."""
     found = _ACTION.findall(text or "")
@@ -154,7 +154,7 @@ def run_env_episodes(
     """Play one episode per environment, ``envs[i]`` on task ``task_ids[i]``.
 
     Resets run in parallel; then, per step, every live episode's prompt is rendered, all are continued
-    by one ``engine.generate`` call, each response is parsed (:func:`parse_action`) and checked against
+    by one ``engine.generate`` call, each response is parsed (:func:`parse_env_action`) and checked against
     the admissible actions (``prompt.command``), and the valid actions are stepped in parallel.
     An episode ends when its environment says ``done``, when it fails, or after ``max_steps`` rows.
 
@@ -196,7 +196,7 @@ def run_env_episodes(
         pending = []
         for i, p_ids, r_ids in zip(live, prompts, outs):
             text = tokenizer.decode(r_ids, skip_special_tokens=True)
-            action = parse_action(text, require_think=require_think)
+            action = parse_env_action(text, require_think=require_think)
             command = prompt.command(action, current[i].admissible_actions) if action is not None else None
             rec = StepRecord(list(p_ids), list(r_ids), text, action, anchor=current[i].observation)
             episodes[i].steps.append(rec)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from spear_lit.rollout.batch import Episode
+from spear_lit.batch import Episode
 from spear_lit.rollout.chat import observation_ids
-from spear_lit.rollout.engine import RolloutEngine
+from spear_lit.rollout.hf_engine import RolloutEngine
 from spear_lit.tasks.toolcall import parse_tool_calls
 
 log = logging.getLogger(__name__)

@@ -57,8 +57,7 @@ def register_checkpoint_types() -> None:
     hold only tensors and numbers. A new type stored in a checkpoint must be added here (the
     mid-iteration resume test fails otherwise).
     """
-    from spear_lit.rollout.batch import Episode, TokenBatch
-    from spear_lit.training.minibatch import MiniBatch, Normalizers
+    from spear_lit.batch import Episode, MiniBatch, Normalizers, TokenBatch
 
     torch.serialization.add_safe_globals([MiniBatch, Normalizers, TokenBatch, Episode])
 

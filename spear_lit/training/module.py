@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 
 from spear_lit.algos import entropy_from_logits, logprobs_from_logits
-from spear_lit.rollout.batch import TokenBatch
+from spear_lit.batch import MiniBatch, TokenBatch
 from spear_lit.training.dist import all_reduce
-from spear_lit.training.losses import TermInput
-from spear_lit.training.minibatch import MiniBatch
+from spear_lit.training.terms import TermInput
 
 
 class PolicyModule(L.LightningModule):
@@ -95,7 +94,7 @@ class PolicyLearner(PolicyModule):
 
     Args:
         policy: a :class:`spear_lit.policy.PolicySource` (the model is built in ``configure_model``).
-        loss_terms: name → term (see :mod:`spear_lit.training.losses`); the step loss is their sum.
+        loss_terms: name → term (see :mod:`spear_lit.training.terms`); the step loss is their sum.
         optimizer: ``params -> torch.optim.Optimizer`` (Hydra ``_partial_``), AdamW lr 1e-6 in the paper.
         temperature: sampling temperature; log-probs and entropy are taken of ``logits / temperature``.
         grad_clip: global gradient-norm clip; a non-finite norm skips the step (SPEAR_SPEC §3.5).

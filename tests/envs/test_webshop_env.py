@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from spear_lit.envs import TextEnv
-from spear_lit.envs.webshop import WebShopEnv, generate_catalogue, get_shop, make_goals, parse_action
+from spear_lit.envs.webshop import WebShopEnv, generate_catalogue, get_shop, make_goals, parse_command
 from spear_lit.envs.webshop.catalogue import PRODUCT_TYPES
 
 
@@ -50,11 +50,11 @@ def test_generation_is_deterministic_in_the_seed():
     assert generate_catalogue(60, seed=4) != a
 
 
-def test_parse_action():
-    assert parse_action(" Click[ Buy  Now ] ") == ("click", "buy now")
-    assert parse_action("search[Running Shoes black]") == ("search", "Running Shoes black")
+def test_parse_command():
+    assert parse_command(" Click[ Buy  Now ] ") == ("click", "buy now")
+    assert parse_command("search[Running Shoes black]") == ("search", "Running Shoes black")
     assert (
-        parse_action("buy now") is None and parse_action("click buy now") is None and parse_action("") is None
+        parse_command("buy now") is None and parse_command("click buy now") is None and parse_command("") is None
     )
 
 

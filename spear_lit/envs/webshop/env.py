@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spear_lit.envs.base import StepResult
-from spear_lit.envs.webshop.engine import ShopSession, get_shop, oracle_actions
+from spear_lit.envs.webshop.shop import ShopSession, get_shop, oracle_actions
 
 SPLITS = ("train", "val")
 
@@ -84,7 +84,7 @@ class WebShopEnv:
         return StepResult(observation, reward, done, won, valid, admissible, info)
 
     def oracle_actions(self) -> list[str]:
-        """The expert's actions for the current goal (see :func:`~spear_lit.envs.webshop.engine.oracle_actions`)."""
+        """The expert's actions for the current goal (see :func:`~spear_lit.envs.webshop.shop.oracle_actions`)."""
         if self.session is None:
             raise RuntimeError("call reset(task_id) before oracle_actions()")
         return oracle_actions(self.session.goal, self.shop)

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from spear_lit.rollout.batch import TokenBatch
+from spear_lit.batch import TokenBatch
 from spear_lit.rollout.chat import observation_ids, prompt_ids
 
 

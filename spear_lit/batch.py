@@ -1,4 +1,6 @@
-"""Trajectories as tokens: one :class:`Episode` per rollout, one padded :class:`TokenBatch` per step.
+"""The data types both sides share: rollout loops produce :class:`Episode`s and :class:`Sample` rows, the
+data module turns rows into padded :class:`TokenBatch`es and hands the learner one :class:`MiniBatch` per
+optimizer step. This module imports nothing of the project, so the learner never loads an engine.
 
 Token-in/token-out (SPEAR_SPEC §9): an episode is the prompt ids followed by the response ids exactly
 as generated and as observations were tokenized; the decoded text is never re-tokenized.
@@ -135,3 +137,95 @@ class TokenBatch:
             num_tool_calls=torch.tensor([r.get("num_tool_calls", 0) for r in rows], dtype=torch.long),
         )
 
+
+@dataclass
+class Sample:
+    """One training row.
+
+    Attributes:
+        prompt_ids, response_ids, response_mask: tokens as generated (mask 1) or observed (mask 0).
+        group: index of the row's group (prompt or initial state) among the iteration's groups over all
+            ranks (``rank·B/world + local index``); the data module turns it into a global ``uid``.
+        episode: index of the trajectory the row belongs to (several rows per episode for step-wise agents).
+        score: task reward of the row's trajectory (math ±1; ALFWorld ``10·won``; WebShop scaled score),
+            minus the invalid-action penalty for a row whose action was invalid (SPEAR_SPEC §3.4).
+        episode_score: the trajectory's reward without any row's penalty (group statistics take one value
+            per trajectory, SPEAR_SPEC §5.1, §8.5); ``None`` = ``score`` (one row per episode).
+        success: the trajectory solved the task (reported accuracy; never includes bonuses).
+        num_tool_calls: what the tool-call bonus counts (assistant turns with a parsed call; for agents,
+            environment steps taken), SPEAR_SPEC §7.
+        incomplete: no usable final answer/action (SPEAR_SPEC §8 filter 2).
+        text: decoded response (unreadable filter, scoring).
+        step_return: GiGPO's discounted return from this step (environment rewards only, minus the
+            invalid penalty of this step), SPEAR_SPEC §2.2; 0 for episode-level agents.
+        anchor: GiGPO's anchor observation (the state text before the action); ``None`` = no step group.
+        turns: assistant turns (math) or steps (agents) of the trajectory, for metrics.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_mask: list[int]
+    group: int
+    episode: int
+    score: float
+    success: bool
+    num_tool_calls: int = 0
+    incomplete: bool = False
+    text: str = ""
+    step_return: float = 0.0
+    anchor: str | None = None
+    turns: int = 1
+    episode_score: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Normalizers:
+    """Global normalizers of one optimizer mini-batch, over all its micro-batches and all ranks
+    (SPEAR_SPEC §3.5), so the gradient does not depend on how the mini-batch is split."""
+
+    num_rows: int
+    num_tokens: int
+    max_len: int
+
+
+@dataclass
+class MiniBatch:
+    """One optimizer step's data on this rank.
+
+    Attributes:
+        micro_batches: this rank's rows, split for memory; may be empty rows-wise (a rank with no data
+            still runs the same number of forward/backward passes as the others).
+        kind: ``"on_policy"`` or ``"replay"`` (replay uses the replay loss settings and ``c(t)``).
+        norm: the global normalizers of this step.
+        iteration: the RL iteration ``t`` this step belongs to.
+        step_in_iteration, steps_in_iteration: position of the step within its iteration.
+        iteration_record: set on the last step of an iteration: rollout metrics and group statistics
+            that callbacks (baseline history, logging) consume after the step.
+        done, record_done: progress flags that keep the step in the data module's checkpointed queue
+            until it has been applied (and its record consumed): resume anywhere, nothing lost or repeated.
+    """
+
+    micro_batches: list[TokenBatch]
+    kind: str
+    norm: Normalizers
+    iteration: int
+    step_in_iteration: int = 0
+    steps_in_iteration: int = 1
+    iteration_record: dict | None = field(default=None)
+    empty: bool = False  # no rows on any rank (e.g. every group was filtered out): no update
+    done: bool = False  # its optimizer step has completed (set by the learner): no longer pending
+    record_done: bool = False  # the callbacks have consumed its iteration_record (set after them)
+
+    @property
+    def pending(self) -> bool:
+        """Not yet applied, or applied but its iteration record not yet consumed by the callbacks."""
+        return not (self.done and (self.iteration_record is None or self.record_done))
+
+    @property
+    def is_replay(self) -> bool:
+        return self.kind == "replay"
+
+    @property
+    def last_of_iteration(self) -> bool:
+        return self.iteration_record is not None

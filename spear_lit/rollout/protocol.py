@@ -7,49 +7,9 @@ Everything after the rollout (rewards, filters, advantages, batching, replay) is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
-
-@dataclass
-class Sample:
-    """One training row.
-
-    Attributes:
-        prompt_ids, response_ids, response_mask: tokens as generated (mask 1) or observed (mask 0).
-        group: index of the row's group (prompt or initial state) among the iteration's groups over all
-            ranks (``rank·B/world + local index``); the data module turns it into a global ``uid``.
-        episode: index of the trajectory the row belongs to (several rows per episode for step-wise agents).
-        score: task reward of the row's trajectory (math ±1; ALFWorld ``10·won``; WebShop scaled score),
-            minus the invalid-action penalty for a row whose action was invalid (SPEAR_SPEC §3.4).
-        episode_score: the trajectory's reward without any row's penalty (group statistics take one value
-            per trajectory, SPEAR_SPEC §5.1, §8.5); ``None`` = ``score`` (one row per episode).
-        success: the trajectory solved the task (reported accuracy; never includes bonuses).
-        num_tool_calls: what the tool-call bonus counts (assistant turns with a parsed call; for agents,
-            environment steps taken), SPEAR_SPEC §7.
-        incomplete: no usable final answer/action (SPEAR_SPEC §8 filter 2).
-        text: decoded response (unreadable filter, scoring).
-        step_return: GiGPO's discounted return from this step (environment rewards only, minus the
-            invalid penalty of this step), SPEAR_SPEC §2.2; 0 for episode-level agents.
-        anchor: GiGPO's anchor observation (the state text before the action); ``None`` = no step group.
-        turns: assistant turns (math) or steps (agents) of the trajectory, for metrics.
-    """
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    response_mask: list[int]
-    group: int
-    episode: int
-    score: float
-    success: bool
-    num_tool_calls: int = 0
-    incomplete: bool = False
-    text: str = ""
-    step_return: float = 0.0
-    anchor: str | None = None
-    turns: int = 1
-    episode_score: float | None = None
-    info: dict = field(default_factory=dict)
+from spear_lit.batch import Sample
 
 
 def shard_range(num_groups: int, shard: tuple[int, int]) -> tuple[int, int]:

@@ -31,7 +31,7 @@ MAX_QUERY_TOKENS = 64  # bounds the cost of a search whatever the policy writes
 _ACTION = re.compile(r"\s*(search|click)\s*\[(.*)\]\s*", re.DOTALL | re.IGNORECASE)
 
 
-def parse_action(action: str) -> tuple[str, str] | None:
+def parse_command(action: str) -> tuple[str, str] | None:
     """``"click[Buy Now]"`` → ``("click", "buy now")``; ``None`` if it is not ``search[…]``/``click[…]``.
 
     Click arguments are lower-cased and whitespace-collapsed (WebShop's clickables are lower case);
@@ -199,7 +199,7 @@ class ShopSession:
 
         An action that is not admissible on this page changes nothing and has ``info["valid"] = False``.
         """
-        parsed = parse_action(action)
+        parsed = parse_command(action)
         valid = parsed is not None and self.page != "done"
         if valid:
             name, arg = parsed

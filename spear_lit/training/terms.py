@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spear_lit.training.minibatch import Normalizers
+from spear_lit.batch import Normalizers
 
 
 @dataclass
