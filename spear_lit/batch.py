@@ -216,6 +216,9 @@ class MiniBatch:
     empty: bool = False  # no rows on any rank (e.g. every group was filtered out): no update
     done: bool = False  # its optimizer step has completed (set by the learner): no longer pending
     record_done: bool = False  # the callbacks have consumed its iteration_record (set after them)
+    # The iteration's only step and no replay buffer: it starts from the weights that sampled its rows, so its
+    # own forward gives the old log-probs (ratio 1, as TRL does) and the separate old-log-prob pass is skipped.
+    old_logp_in_step: bool = False
 
     @property
     def pending(self) -> bool:

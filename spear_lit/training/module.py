@@ -180,6 +180,8 @@ class PolicyLearner(PolicyModule):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         sums = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
+        if mb.old_logp_in_step and mb.iteration_record is not None:  # the pre-update entropy is this forward's
+            mb.iteration_record["metrics"]["policy/entropy"] = sums.get("policy/entropy", float("nan"))
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
         elif math.isfinite(grad_norm) and all(math.isfinite(v) for k, v in sums.items() if k.startswith("loss")):
@@ -210,7 +212,8 @@ class PolicyLearner(PolicyModule):
             with torch.no_grad():
                 ref, _ = self.token_stats(micro, model=self.ref_model, entropy=False)
         g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, self.global_step, k))
-        x = TermInput(logp=logp, old_logp=micro.old_logp, entropy=ent, advantages=micro.advantages,
+        old_logp = logp.detach() if mb.old_logp_in_step else micro.old_logp  # same weights: exactly the old policy
+        x = TermInput(logp=logp, old_logp=old_logp, entropy=ent, advantages=micro.advantages,
                       mask=micro.response_mask, norm=mb.norm, replay=mb.is_replay, generator=g, ref_logp=ref)
         total = logp.sum() * 0.0  # keeps every rank's graph connected even for an all-masked micro-batch
         metrics: dict[str, float] = {}

@@ -1,0 +1,74 @@
+"""The old-log-prob pass is skipped exactly when it is redundant: the iteration's only optimizer step, no replay.
+
+Such a step starts from the weights that sampled its rows, so its own forward is the old policy: the ratio is 1
+and the gradient equals the one with separately computed old log-probs (what TRL does for one step per rollout).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import torch
+from helpers import TINY_RUN, compose_cfg
+
+from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm
+from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
+from spear_lit.policy import PolicySource
+from spear_lit.training import EntropyTerm, PolicyLearner, PolicyTerm
+from train import train
+
+
+def _grads(learner: PolicyLearner, mb: MiniBatch) -> torch.Tensor:
+    learner.model.zero_grad()
+    for k, m in enumerate(mb.micro_batches):
+        loss, _ = learner._micro_loss(m.cropped(), mb, k)
+        loss.backward()
+    return torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+
+
+def test_in_step_old_logp_gives_the_same_gradient_as_the_separate_pass():
+    terms = {"policy": PolicyTerm(objective=lambda *a: ppo_clip_loss(*a, clip_high=0.28),
+                                  aggregation=seq_mean_token_sum_norm),
+             "entropy": EntropyTerm(coef=0.01, aggregation=seq_mean_token_sum_norm)}
+    learner = PolicyLearner(PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}), terms,
+                            lambda p: torch.optim.SGD(p, lr=0.0))
+    learner.configure_model()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt_ids": torch.randint(0, 256, (5,), generator=g).tolist(),
+             "response_ids": torch.randint(0, 256, (9,), generator=g).tolist(), "response_mask": [1] * 9}
+            for _ in range(6)]
+    batch = TokenBatch.from_rows(rows, pad_id=257, advantages=torch.randn(6, generator=g))
+    parts = [batch.select([0, 1, 2]), batch.select([3, 4, 5])]
+    norm = Normalizers(num_rows=6, num_tokens=int(batch.response_mask.sum()), max_len=16)
+    separate = [p.cropped() for p in parts]
+    for p, old in zip(separate, learner.old_logprobs(separate)):
+        p.old_logp = old
+    expected = _grads(learner, MiniBatch(micro_batches=separate, kind="on_policy", norm=norm, iteration=1))
+    assert all(float(p.old_logp.abs().sum()) == 0 for p in parts)  # nothing filled: the step must supply them
+    in_step = _grads(learner, MiniBatch(micro_batches=parts, kind="on_policy", norm=norm, iteration=1,
+                                        old_logp_in_step=True))
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(in_step, expected, rtol=1e-5, atol=1e-7)
+
+
+def _rows(run_dir) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_one_step_iteration_without_replay_skips_the_pass_and_still_reports_entropy(tmp_path):
+    # 4 x 4 rollouts, one mini-batch of 16 rows, GRPO (no replay): the pass is skipped
+    _, objs = train(compose_cfg(tmp_path / "one", [*TINY_RUN, "loss=grpo", "data.mini_batch_rows=16"]))
+    steps = objs["trainer"].global_step
+    one = _rows(tmp_path / "one")
+    assert steps == 3 and len(one) == 3
+    for r in one:
+        assert float(r["perf/old_logp_s"]) < 0.05  # no forward pass (an all_gather of a count only)
+        assert math.isfinite(float(r["policy/entropy"])) and float(r["policy/entropy"]) > 0
+        assert math.isclose(float(r["policy/entropy"]), float(r["policy/entropy_update"]), rel_tol=1e-6)
+    # two mini-batches per iteration: later steps need the old policy from before the first, so the pass runs
+    _, objs = train(compose_cfg(tmp_path / "two", [*TINY_RUN, "loss=grpo", "data.mini_batch_rows=8"]))
+    two = _rows(tmp_path / "two")
+    assert objs["trainer"].global_step == 6
+    assert all(float(r["perf/old_logp_s"]) > 0 for r in two)
