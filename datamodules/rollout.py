@@ -36,13 +36,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.replay import ShardedReplay
-from spear_lit.algos import has_repeated_ngrams, is_overlong, is_unreadable, low_variance_group_mask
+from datamodules.scoring import ScoredRows, check_filters, score_rows
+from spear_lit.algos import low_variance_group_mask
 from spear_lit.batch import MiniBatch, Normalizers, Sample, TokenBatch
 from spear_lit.training.dist import all_gather_objects, all_reduce, world
 
 log = logging.getLogger(__name__)
-
-FILTERS = ("overlong", "incomplete", "repetitive", "unreadable")
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -63,8 +62,8 @@ class RolloutDataModule(L.LightningDataModule):
         ppo_epochs: passes over the on-policy data per iteration.
         max_response_len: ``L``, response tokens per row (also the ``seq_mean_token_sum_norm`` length).
         temperature, top_p: training sampling parameters.
-        filters: switches of the response filters (SPEAR_SPEC §8): ``overlong``, ``incomplete``,
-            ``repetitive``, ``unreadable``.
+        filters: name → response filter ``(samples, max_response_len) -> bool[N]`` (True = drop the row's loss
+            tokens), each logged as ``filter/<name>``; SPEAR_SPEC §8's four are in :mod:`datamodules.variants`.
         group_keep_ratio: low-variance group filter (1.0 keeps every group), over all ranks' groups.
         replay: a ``spear_lit.algos.ReplayBuffer`` (``None`` = no self-imitation), held over all ranks
             (:class:`datamodules.replay.ShardedReplay`).
@@ -80,13 +79,10 @@ class RolloutDataModule(L.LightningDataModule):
                  toolcall_bonus: Callable | None = None, iterations: int = 100, prompts_per_iteration: int = 8,
                  group_size: int = 8, mini_batch_rows: int = 64, micro_batch_rows: int = 16, ppo_epochs: int = 1,
                  max_response_len: int = 512, temperature: float = 1.0, top_p: float = 1.0,
-                 filters: dict[str, bool] | None = None, group_keep_ratio: float = 1.0, replay=None,
+                 filters: dict[str, Callable] | None = None, group_keep_ratio: float = 1.0, replay=None,
                  seed: int = 0, val_temperature: float = 1.0, val_top_p: float = 1.0,
                  val_max_problems: int | None = None, val_group_size: int = 1, tool_failure_patience: int = 3):
         super().__init__()
-        unknown = set(filters or {}) - set(FILTERS)
-        if unknown:
-            raise ValueError(f"data.filters: unknown filter(s) {sorted(unknown)}; allowed: {list(FILTERS)}")
         for name, v in dict(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
                             group_size=group_size, mini_batch_rows=mini_batch_rows,
                             micro_batch_rows=micro_batch_rows, max_response_len=max_response_len,
@@ -101,7 +97,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.mini_batch_rows, self.micro_batch_rows, self.ppo_epochs = mini_batch_rows, micro_batch_rows, ppo_epochs
         self.L = max_response_len
         self.temperature, self.top_p = temperature, top_p
-        self.filters = {f: bool((filters or {}).get(f, False)) for f in FILTERS}
+        self.filters = check_filters(filters or {}, max_response_len)
         self.group_keep_ratio, self.seed = group_keep_ratio, seed
         self.replay = ShardedReplay(replay) if replay is not None else None
         self.val_temperature, self.val_top_p, self.val_max_problems = val_temperature, val_top_p, val_max_problems
@@ -166,13 +162,14 @@ class RolloutDataModule(L.LightningDataModule):
         samples, gen_s = self._rollout(t, rank, ws)
         agent_stats = self.agent.pop_stats() if hasattr(self.agent, "pop_stats") else {}
         score_start = time.perf_counter()
-        rows = self._score(samples, t)
+        rows = score_rows(samples, t, prompts_per_iteration=self.B, max_response_len=self.L, filters=self.filters,
+                          toolcall_bonus=self.toolcall_bonus, tool_reward_weight=self.tool_reward_weight)
         keep, dropped = self._group_filter(rows)
         kept = keep.nonzero().flatten().tolist()
-        batch = TokenBatch.from_rows([rows["dicts"][i] for i in kept], self.tokenizer.pad_token_id)
+        batch = TokenBatch.from_rows([rows.dicts[i] for i in kept], self.tokenizer.pad_token_id)
         if len(batch):
-            batch.advantages = self.advantage(batch.rewards, batch.group_ids, rows["step_returns"][kept],
-                                              rows["anchor_ids"][kept]).float()
+            batch.advantages = self.advantage(batch.rewards, batch.group_ids, rows.step_returns[kept],
+                                              rows.anchor_ids[kept]).float()
         score_s = time.perf_counter() - score_start
         stats = self._rollout_stats(samples, rows, gen_s, agent_stats)
         stats["filter/groups_dropped"] = float(dropped)
@@ -184,8 +181,8 @@ class RolloutDataModule(L.LightningDataModule):
         stats["perf/score_s"] = score_s
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
-        first = _first_rows_of_episodes(rows["episode_keys"][kept].tolist())
-        group_means, group_stds = _group_stats(rows["traj_rewards"][kept][first], rows["group_ids"][kept][first])
+        first = _first_rows_of_episodes(rows.episode_keys[kept].tolist())
+        group_means, group_stds = _group_stats(rows.traj_rewards[kept][first], rows.group_ids[kept][first])
         gathered = all_gather_objects((group_means, group_stds))
         stats["perf/build_s"] = time.perf_counter() - start
         all_steps = steps + replay_steps
@@ -219,75 +216,35 @@ class RolloutDataModule(L.LightningDataModule):
         self.engine.release()  # e.g. vLLM sleeps so the learner's forward/backward get the GPU memory
         return samples, time.perf_counter() - start
 
-    def _score(self, samples: list[Sample], t: int) -> dict:
-        """Rewards (task score + tool bonus), filter flags and row dicts of this rank's samples.
-
-        ``rewards [N]`` are the rows' rewards (a step row includes its own invalid-action penalty);
-        ``traj_rewards [N]`` the reward of each row's trajectory (one value per episode, SPEAR_SPEC §5.1,
-        §8.5): what group statistics use.
-        """
-        score = torch.tensor([s.score for s in samples], dtype=torch.float)
-        traj_score = torch.tensor([s.score if s.episode_score is None else s.episode_score for s in samples],
-                                  dtype=torch.float)
-        correct = torch.tensor([s.success for s in samples])
-        calls = torch.tensor([s.num_tool_calls for s in samples])
-        bonus = (self.toolcall_bonus(calls, correct, self.tool_reward_weight) if self.toolcall_bonus
-                 else torch.zeros_like(score))
-        lengths = torch.tensor([len(s.response_ids) for s in samples])
-        flags = {
-            "overlong": is_overlong(lengths, self.L),
-            "incomplete": torch.tensor([s.incomplete for s in samples], dtype=torch.bool),
-            "repetitive": torch.tensor([has_repeated_ngrams(s.response_ids) for s in samples], dtype=torch.bool),
-            "unreadable": torch.tensor([is_unreadable(s.text) for s in samples], dtype=torch.bool),
-        }
-        valid = torch.ones(len(samples), dtype=torch.bool)
-        for name, on in self.filters.items():
-            if on:
-                valid &= ~flags[name]
-        rewards = score + bonus
-        group_ids = torch.tensor([t * self.B + s.group for s in samples], dtype=torch.long)  # global uid
-        anchors: dict[tuple[int, str], int] = {}
-        anchor_ids = torch.tensor([anchors.setdefault((s.group, s.anchor), len(anchors)) if s.anchor is not None
-                                   else -1 - i for i, s in enumerate(samples)], dtype=torch.long)
-        dicts = [{"prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
-                  "response_mask": [m * int(v) for m in s.response_mask], "group_id": int(g), "reward": float(r),
-                  "num_tool_calls": s.num_tool_calls}
-                 for s, v, g, r in zip(samples, valid.tolist(), group_ids, rewards)]
-        return {"rewards": rewards, "traj_rewards": traj_score + bonus, "group_ids": group_ids, "dicts": dicts,
-                "anchor_ids": anchor_ids, "flags": flags, "correct": correct, "calls": calls, "bonus": bonus,
-                "lengths": lengths,
-                "step_returns": torch.tensor([s.step_return for s in samples], dtype=torch.float),
-                "episode_keys": torch.tensor([s.episode for s in samples], dtype=torch.long)}
-
-    def _group_filter(self, rows: dict) -> tuple[torch.Tensor, int]:
+    def _group_filter(self, rows: ScoredRows) -> tuple[torch.Tensor, int]:
         """Low-variance group filter over the iteration's groups of all ranks (SPEAR_SPEC §8.5): gather one
         reward per trajectory with its group id, decide once (identically on every rank), apply locally.
         Returns this rank's row mask ``bool[N]`` and the number of groups dropped over all ranks."""
-        n = len(rows["group_ids"])
+        n = len(rows.group_ids)
         if self.group_keep_ratio >= 1.0:
             return torch.ones(n, dtype=torch.bool), 0
-        first = _first_rows_of_episodes(rows["episode_keys"].tolist())
-        parts = all_gather_objects((rows["group_ids"][first].tolist(), rows["traj_rewards"][first].tolist()))
+        first = _first_rows_of_episodes(rows.episode_keys.tolist())
+        parts = all_gather_objects((rows.group_ids[first].tolist(), rows.traj_rewards[first].tolist()))
         gids = torch.tensor([g for p in parts for g in p[0]], dtype=torch.long)  # rank order = global order
         rewards = torch.tensor([r for p in parts for r in p[1]], dtype=torch.float)
         kept = set(gids[low_variance_group_mask(rewards, gids, keep_ratio=self.group_keep_ratio)].tolist())
-        keep = torch.tensor([g in kept for g in rows["group_ids"].tolist()], dtype=torch.bool)
+        keep = torch.tensor([g in kept for g in rows.group_ids.tolist()], dtype=torch.bool)
         return keep, len(set(gids.tolist()) - kept)
 
-    def _rollout_stats(self, samples: list[Sample], rows: dict, gen_s: float, agent_stats: dict) -> dict[str, float]:
+    def _rollout_stats(self, samples: list[Sample], rows: ScoredRows, gen_s: float, agent_stats: dict) -> dict[str, float]:
         """``rollout/*``, ``filter/*``, ``tool/*`` and rollout timing over all ranks (two all-reduces).
 
         Episode-level metrics count each trajectory once (its first row); lengths are per row. The rollout
         time splits into the slowest rank's time inside the tool and the rest (generation)."""
-        first = _first_rows_of_episodes(rows["episode_keys"].tolist())
-        ep = {"rollout/reward_mean": rows["traj_rewards"][first], "rollout/success_rate": rows["correct"][first],
-              "rollout/toolcall_bonus_mean": rows["bonus"][first], "rollout/tool_calls_mean": rows["calls"][first],
+        first = _first_rows_of_episodes(rows.episode_keys.tolist())
+        ep = {"rollout/reward_mean": rows.traj_rewards[first], "rollout/success_rate": rows.correct[first],
+              "rollout/toolcall_bonus_mean": rows.bonus[first], "rollout/tool_calls_mean": rows.calls[first],
               "rollout/turns_mean": torch.tensor([float(samples[i].turns) for i in first])}
-        flags = {f"filter/{k}": v for k, v in rows["flags"].items()}
+        flags = {f"filter/{k}": v for k, v in rows.flags.items()}
         sums = [float(v.float().sum()) for v in (*ep.values(), *flags.values())]
         gen_tokens = float(sum(sum(s.response_mask) for s in samples))
         calls, errors = float(agent_stats.get("calls", 0)), float(agent_stats.get("errors", 0))
-        local = [*sums, calls, errors, len(first), float(rows["lengths"].sum()), len(samples), gen_tokens]
+        local = [*sums, calls, errors, len(first), float(rows.lengths.sum()), len(samples), gen_tokens]
         total = all_reduce(local, "sum").tolist()
         calls, errors, n_ep, len_sum, n_rows, tokens = total[-6:]
         out = {k: v / max(n_ep, 1) for k, v in zip(ep, total)}

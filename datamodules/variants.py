@@ -1,12 +1,24 @@
 """The data side's interchangeable pieces, each selected by ``_target_`` with one call shape per kind:
-advantage estimators (``data.advantage``) and tool-call bonuses (``data.toolcall_bonus``). The algorithms
-themselves are in :mod:`spear_lit.algos`; these adapt them to the data module's rows."""
+advantage estimators (``data.advantage``, ``conf/advantage/``), tool-call bonuses (``data.toolcall_bonus``)
+and response filters (``data.filters.<name>``, ``conf/filter/``). The algorithms themselves are in
+:mod:`spear_lit.algos`; these adapt them to the data module's rows."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from spear_lit.algos import gigpo_advantages, grpo_advantages, toolcall_bonus, toolcall_bonus_qwen3
+from spear_lit.algos import (
+    gigpo_advantages,
+    grpo_advantages,
+    has_repeated_ngrams,
+    is_overlong,
+    is_unreadable,
+    toolcall_bonus,
+    toolcall_bonus_qwen3,
+)
+from spear_lit.batch import Sample
 
 
 # ------------------------------------------------------------------ advantage estimators
@@ -35,3 +47,29 @@ def qwen3_bonus(num_calls: torch.Tensor, correct: torch.Tensor, weight: float, *
                 cap: float = 1.0) -> torch.Tensor:
     """Correct answers get ``λ·[n > 0]``, wrong ones the standard bonus (the Qwen3 variant)."""
     return toolcall_bonus_qwen3(num_calls, correct, weight, per_call=per_call, cap=cap)
+
+
+# ------------------------------------------------------------------ response filters (SPEAR_SPEC §8)
+# One call shape: ``(samples, max_response_len) -> bool[N]``, True = the row is filtered out (its loss mask
+# is zeroed; it still counts in group statistics). Configured as ``data.filters.<name>``; the data module
+# logs each one's count as ``filter/<name>``.
+def overlong(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor:
+    """Filter 1: response length (policy + tool tokens) ``>= L``."""
+    return is_overlong(torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long), max_response_len)
+
+
+def incomplete(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor:
+    """Filter 2: no usable final answer or action (``Sample.incomplete``, set by the agent)."""
+    return torch.tensor([s.incomplete for s in samples], dtype=torch.bool)
+
+
+def repetitive(samples: Sequence[Sample], max_response_len: int, *, n: int = 20, threshold: int = 10
+               ) -> torch.Tensor:
+    """Filter 3: some ``n``-gram of response token ids occurs at least ``threshold`` times."""
+    return torch.tensor([has_repeated_ngrams(s.response_ids, n=n, threshold=threshold) for s in samples],
+                        dtype=torch.bool)
+
+
+def unreadable(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor:
+    """Filter 4: the decoded response holds U+FFFD or a typical mojibake of it."""
+    return torch.tensor([is_unreadable(s.text) for s in samples], dtype=torch.bool)

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 
+from spear_lit.training.dist import world
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny, fast RL run of the shipped policy: 4 prompts x 4 rollouts, short episodes, no validation.
@@ -65,23 +67,13 @@ class StepLog(L.Callback):
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-class AsymmetricFilter(L.Callback):
-    """On rank 1, drop (mask out) every other row after scoring: uneven data across ranks."""
-
-    def setup(self, trainer, pl_module, stage):
-        dm = trainer.datamodule
-        if trainer.global_rank != 1:
-            return
-        original = dm._score
-
-        def score(*args, **kwargs):
-            rows = original(*args, **kwargs)
-            for i, r in enumerate(rows["dicts"]):
-                if i % 2:
-                    r["response_mask"] = [0] * len(r["response_mask"])
-            return rows
-
-        dm._score = score
+def odd_rows_on_rank(samples, max_response_len: int, *, rank: int = 1) -> torch.Tensor:
+    """A response filter (``data.filters`` call shape) that drops every other row on one rank only: uneven
+    data across ranks. ``+data.filters.asym={_target_:helpers.odd_rows_on_rank,_partial_:true}``."""
+    flags = torch.zeros(len(samples), dtype=torch.bool)
+    if world()[0] == rank:
+        flags[1::2] = True
+    return flags
 
 
 def _buffer_digest(dm) -> str | None:

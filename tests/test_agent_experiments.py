@@ -22,8 +22,10 @@ from helpers import REPO, compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from spear_lit.policy import builtin_checkpoint, byte_chat_tokenizer
+from callbacks.contracts import check_algorithm_callbacks
+from datamodules.scoring import score_rows
 from spear_lit.batch import Sample
+from spear_lit.policy import builtin_checkpoint, byte_chat_tokenizer
 from train import train
 
 EXPERIMENTS = sorted(p.stem for pattern in ("alfworld_*.yaml", "webshop_*.yaml")
@@ -71,7 +73,8 @@ def test_experiment_composes_and_instantiates(name, qwen_1_5b, tmp_path):
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    named = {k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()}
+    callbacks = check_algorithm_callbacks(data, learner, named)  # train.py's check: no needed callback is missing
     agent = data.agent
     assert type(agent).__name__ == "EnvAgent" and agent.name == name.split("_")[0]
     assert agent._pools == {}  # environments (ALFWorld: worker processes) start only when first used
@@ -119,7 +122,7 @@ def _check_paper_settings(name: str, cfg, learner, data, callbacks):
     obj = policy.objective
     assert obj.keywords["clip_low"] == 0.2 and obj.keywords["clip_high"] == (0.2 if algo == "grpo" else 0.28)
     assert policy.aggregation.func.__name__ == ("token_mean" if algo == "grpo" else "seq_mean_token_sum_norm")
-    assert all(data.filters.values()) is (algo != "grpo") and any(data.filters.values()) is (algo != "grpo")
+    assert set(data.filters) == (set() if algo == "grpo" else {"overlong", "incomplete", "repetitive", "unreadable"})
     assert data.group_keep_ratio == (1.0 if algo == "grpo" else 0.75)
     adv = data.advantage
     if gigpo:  # mean_std_norm in every GiGPO variant (SPEAR_SPEC §2.2)
@@ -139,12 +142,13 @@ def _check_paper_settings(name: str, cfg, learner, data, callbacks):
         assert (r.capacity, r.tolerate_steps, r.trigger_factor, r.decay, r.norm_by_std) == (2048, 5, 1.5, -1.0, False)
         assert not r.require_tool_call
         sil = by_type["SILWarmup"]
-        assert (sil.peak, sil.total) == (1.0, 200) and (tool.kind, tool.total) == ("cosine", 200)
+        assert (sil.peak, sil.total) == (1.0, 200) and tool.schedule.keywords == {"total_steps": 200}
+        assert tool.schedule.func.__name__ == "cosine_decay"
         assert by_type["P50Baseline"].history.capacity == 10240
         assert data.toolcall_bonus.func.__name__ == "standard_bonus"
     else:
         assert obj.func.__name__ == "ppo_clip_loss" and obj.keywords["clip_c"] == 10.0
-        assert data.replay is None and data.toolcall_bonus is None and tool.kind == "none"
+        assert data.replay is None and data.toolcall_bonus is None and tool.schedule is None
 
 
 def test_every_algorithm_has_its_gigpo_twin_on_both_environments():
@@ -234,10 +238,9 @@ def test_alfworld_tiny_spear_generates_its_games_once_and_trains(tmp_path):
 
 
 def test_gigpo_step_term_reaches_rows_of_a_group_that_share_an_anchor(tmp_path):
-    cfg, _ = _compose("webshop_tiny_spear", tmp_path, [
-        "data.advantage._target_=datamodules.variants.gigpo", "+data.advantage.step_weight=1.0",
-        "data.advantage.norm_by_std=true"])
+    cfg, _ = _compose("webshop_tiny_spear", tmp_path, ["advantage=gigpo"])  # conf/advantage/gigpo.yaml
     data = instantiate(cfg.data, _convert_="all")
+    assert data.advantage.keywords == {"step_weight": 1.0, "norm_by_std": True}  # not SPEAR's norm_by_std false
 
     def row(group, episode, score, step_return, anchor):
         return Sample(prompt_ids=[1], response_ids=[2], response_mask=[1], group=group, episode=episode,
@@ -246,13 +249,13 @@ def test_gigpo_step_term_reaches_rows_of_a_group_that_share_an_anchor(tmp_path):
     samples = [row(0, 0, 10.0, 9.5, "A"), row(0, 0, 10.0, 10.0, "B"),  # group 0, episode 0: won (reward 10)
                row(0, 1, 0.0, 0.0, "A"), row(0, 1, 0.0, 0.0, "C"),     # group 0, episode 1: lost, started in A too
                row(1, 2, 0.0, 0.0, "A"), row(1, 2, 0.0, 0.0, "D")]     # group 1: same text "A", another group
-    rows = data._score(samples, 1)
-    adv = data.advantage(rows["rewards"], rows["group_ids"], rows["step_returns"], rows["anchor_ids"])
+    rows = score_rows(samples, 1, prompts_per_iteration=data.B, max_response_len=data.L, filters=data.filters)
+    adv = data.advantage(rows.rewards, rows.group_ids, rows.step_returns, rows.anchor_ids)
     # episode term, group 0 rows [10, 10, 0, 0]: mean 5, unbiased std sqrt(100/3) = 5.773503 -> +-0.866025;
     # group 1 rows [0, 0]: 0. Step term, step group (0, "A") = returns [9.5, 0]: mean 4.75, std 6.717514
     # -> +-0.707107; every other anchor is alone in its group (incl. group 1's "A") -> 0.
     e, s = 5 / (100 / 3) ** 0.5, 4.75 / (2 * 4.75**2) ** 0.5
     assert adv.tolist() == pytest.approx([e + s, e, -e - s, -e, 0.0, 0.0], abs=1e-5)
     grpo = instantiate(compose_cfg(tmp_path, ["+experiment=webshop_tiny_grpo", "model.path=null"]).data.advantage)
-    plain = grpo(rows["rewards"], rows["group_ids"], rows["step_returns"], rows["anchor_ids"])
+    plain = grpo(rows.rewards, rows.group_ids, rows.step_returns, rows.anchor_ids)
     assert plain.tolist() == pytest.approx([e, e, -e, -e, 0.0, 0.0], abs=1e-5)  # GRPO: no step term

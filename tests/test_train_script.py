@@ -53,7 +53,7 @@ def test_train_py_end_to_end_leaves_metrics_plot_summary_and_hf_policy(tmp_path)
 def test_two_ranks_run_identical_steps_with_uneven_filtering_and_replay_and_resume_own_buffers(tmp_path):
     """DDP (gloo) on 2 CPU processes; rank 1 masks out half of its rows. Then resume on 2 ranks."""
     common = [*TINY_RUN, "trainer=ddp", "trainer.accelerator=cpu", "spear.buffer_size=1", "data.prompts_per_iteration=8",
-              "+callbacks.asym._target_=helpers.AsymmetricFilter", "+callbacks.log._target_=helpers.StepLog"]
+              "+data.filters.asym={_target_:helpers.odd_rows_on_rank,_partial_:true}", "+callbacks.log._target_=helpers.StepLog"]
     common.append(f"+callbacks.log.out_dir={tmp_path}/log")  # the same in both runs: a resume keeps the callbacks
     first = _run([*common, "iterations=5", f"run_dir={tmp_path}/a"])
     assert first.returncode == 0, first.stderr[-3000:]

@@ -9,18 +9,18 @@ from spear_lit.tasks.math_files import (
     load_math_file,
 )
 from spear_lit.tasks.math_tool import ArithmeticToolTask
-from spear_lit.tasks.scoring import SCORERS, get_scorer, math_verify_score, strict_box
+from spear_lit.tasks.scoring import Scorer, check_scorer, math_verify_score, strict_box
 from spear_lit.tasks.toolcall import TOOL_NAME, format_tool_call, has_final_answer, parse_tool_calls
 
 __all__ = [
-    "SCORERS",
     "TOOL_NAME",
     "ArithmeticToolTask",
     "FileMathTask",
     "Problem",
+    "Scorer",
     "Task",
+    "check_scorer",
     "format_tool_call",
-    "get_scorer",
     "has_final_answer",
     "load_aime2024",
     "load_aime2025",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spear_lit.tasks.base import Problem
 from spear_lit.tasks.prompts import RETOOL_ANSWER_FORMAT, resolve_system_prompt
-from spear_lit.tasks.scoring import get_scorer
+from spear_lit.tasks.scoring import Scorer, check_scorer, strict_box
 
 SUFFIX_PRESETS: dict[str, str] = {"retool": RETOOL_ANSWER_FORMAT}
 
@@ -150,7 +150,8 @@ class FileMathTask:
         val_files: files of the fixed validation set (concatenated in order).
         name: metric name (``val/<name>/accuracy``).
         layout: layout of every file, or ``"auto"`` (per file, from its columns).
-        scorer: ``"strict_box"`` (SPEAR_SPEC §6.1) or ``"math_verify"``.
+        scorer: ``(response, ground_truth) -> (reward, prediction)``: :func:`~spear_lit.tasks.scoring.strict_box`
+            (SPEAR_SPEC §6.1) or :func:`~spear_lit.tasks.scoring.math_verify_score`.
         system_prompt: a preset name (default ``"retool"``), literal text, or ``None``.
         prompt_suffix: appended to every problem text: a preset name (default ``"retool"``: the verl ReTool
             recipe's answer format), literal text, or ``None``. System prompt and suffix are the format the
@@ -165,12 +166,12 @@ class FileMathTask:
         val_files: Sequence[str] = (),
         name: str = "math",
         layout: str = "auto",
-        scorer: str = "strict_box",
+        scorer: Scorer = strict_box,
         system_prompt: str | None = "retool",
         prompt_suffix: str | None = "retool",
         max_problems: int | None = None,
     ):
-        self.name, self._scorer = name, get_scorer(scorer)
+        self.name, self._scorer = name, check_scorer(scorer)
         self.system_prompt = resolve_system_prompt(system_prompt)
         suffix = resolve_prompt_suffix(prompt_suffix)
         self._train = self._load(train_files, layout, suffix, max_problems)

@@ -14,7 +14,7 @@ import re
 
 from spear_lit.tasks.base import Problem
 from spear_lit.tasks.prompts import resolve_system_prompt
-from spear_lit.tasks.scoring import get_scorer
+from spear_lit.tasks.scoring import Scorer, check_scorer, strict_box
 from spear_lit.tasks.toolcall import format_tool_call
 
 TEMPLATES = ("product", "sum", "chain", "mod")
@@ -41,14 +41,14 @@ class DrawnProblems:
     """Training and validation problems drawn by the task's ``_draw(rng, val)`` from two disjoint halves of
     the problem space, scored by its ``_scorer``; shared by the generated math tasks."""
 
-    def _setup(self, name: str, digits: tuple[int, int], val_size: int, val_seed: int, scorer: str,
+    def _setup(self, name: str, digits: tuple[int, int], val_size: int, val_seed: int, scorer: Scorer,
                system_prompt: str | None) -> None:
         """The settings every generated task has (operand sizes, validation set, scorer, system prompt)."""
         if not 1 <= digits[0] <= digits[1]:
             raise ValueError(f"digits must satisfy 1 <= min <= max, got {digits}")
         self.name, self.digits = name, tuple(digits)
         self.val_size, self.val_seed = val_size, val_seed
-        self.scorer_name, self._scorer = scorer, get_scorer(scorer)
+        self._scorer = check_scorer(scorer)
         self.system_prompt = resolve_system_prompt(system_prompt)
         self._val: list[Problem] | None = None
 
@@ -109,7 +109,8 @@ class ArithmeticToolTask(DrawnProblems):
         val_size: number of validation problems.
         val_seed: seed of the validation set.
         p_no_tool: probability that an expert trace answers without the tool.
-        scorer: ``"strict_box"`` (SPEAR_SPEC §6.1) or ``"math_verify"``.
+        scorer: ``(response, ground_truth) -> (reward, prediction)``: :func:`~spear_lit.tasks.scoring.strict_box`
+            (SPEAR_SPEC §6.1) or :func:`~spear_lit.tasks.scoring.math_verify_score`.
         system_prompt: ``None`` (default: the tiny policy pays per character), a preset name
             (``"retool"``) or literal text.
     """
@@ -125,7 +126,7 @@ class ArithmeticToolTask(DrawnProblems):
         val_size: int = 256,
         val_seed: int = 1234,
         p_no_tool: float = 0.3,
-        scorer: str = "strict_box",
+        scorer: Scorer = strict_box,
         system_prompt: str | None = None,
     ):
         templates, ops = tuple(templates), tuple(ops)

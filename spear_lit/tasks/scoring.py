@@ -1,8 +1,10 @@
 """Math answer scorers: ``(response, ground_truth) -> (reward, prediction)`` (SPEAR_SPEC §6.1).
 
 ``strict_box`` is the as-run reward (+1 iff the last ``\\boxed{}`` equals the ground truth exactly,
-else -1). ``math_verify`` judges mathematical equivalence with the ``math-verify`` package (the
-``math`` extra). A task picks one by name; an unavailable scorer is an error, never a silent swap.
+else -1). ``math_verify_score`` judges mathematical equivalence with the ``math-verify`` package (the
+``math`` extra). A task takes one as a callable, selected in its config by ``_target_``
+(``scorer: {_target_: spear_lit.tasks.scoring.math_verify_score, _partial_: true}``); an unavailable
+scorer is an error, never a silent swap.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ def math_verify_score(response: str, ground_truth: str) -> tuple[float, str | No
     return (1.0 if ok else -1.0), str(pred[-1])
 
 
-SCORERS: dict[str, Scorer] = {"strict_box": strict_box, "math_verify": math_verify_score}
-
-
-def get_scorer(name: str) -> Scorer:
-    """The scorer registered under ``name``; ``ValueError`` listing the allowed names otherwise."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; allowed: {sorted(SCORERS)}")
-    return SCORERS[name]
+def check_scorer(scorer: object) -> Scorer:
+    """``scorer`` if it is callable; otherwise (e.g. a name, the old form) a ``ValueError`` saying how to
+    select one."""
+    if not callable(scorer):
+        raise ValueError(f"scorer={scorer!r} must be a callable (response, ground_truth) -> (reward, prediction), "
+                         "selected by _target_, e.g. scorer: {_target_: spear_lit.tasks.scoring.strict_box, "
+                         "_partial_: true} (or spear_lit.tasks.scoring.math_verify_score)")
+    return scorer

@@ -29,6 +29,7 @@ import random
 
 from spear_lit.tasks.base import Problem
 from spear_lit.tasks.math_tool import DrawnProblems, evaluate, in_val_half
+from spear_lit.tasks.scoring import Scorer, strict_box
 from spear_lit.tasks.toolcall import format_tool_call
 
 OPS = ("+", "-", "*")
@@ -48,7 +49,8 @@ class TwoStepToolTask(DrawnProblems):
         val_size: number of validation problems.
         val_seed: seed of the validation set.
         p_second_call: probability that an expert trace makes the second call (else it boxes ``x``).
-        scorer: ``"strict_box"`` (SPEAR_SPEC §6.1) or ``"math_verify"``.
+        scorer: ``(response, ground_truth) -> (reward, prediction)``: :func:`~spear_lit.tasks.scoring.strict_box`
+            (SPEAR_SPEC §6.1) or :func:`~spear_lit.tasks.scoring.math_verify_score`.
         system_prompt: ``None`` (the tiny policy pays per character), a preset name or literal text.
     """
 
@@ -61,7 +63,7 @@ class TwoStepToolTask(DrawnProblems):
         val_size: int = 256,
         val_seed: int = 1234,
         p_second_call: float = 0.15,
-        scorer: str = "strict_box",
+        scorer: Scorer = strict_box,
         system_prompt: str | None = None,
     ):
         ops = tuple(ops)

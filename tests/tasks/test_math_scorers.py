@@ -1,10 +1,11 @@
-"""Scorer dispatch: strict box vs math-verify, never substituted for each other."""
+"""Scorers: strict box vs math-verify, never substituted for each other; a task takes one as a callable."""
 
 import threading
+from pathlib import Path
 
 import pytest
 
-from spear_lit.tasks import ArithmeticToolTask, Problem, get_scorer, math_verify_score, strict_box
+from spear_lit.tasks import ArithmeticToolTask, FileMathTask, Problem, math_verify_score, strict_box
 
 
 def test_strict_and_math_verify_disagree_on_equivalent_forms():
@@ -12,8 +13,9 @@ def test_strict_and_math_verify_disagree_on_equivalent_forms():
     assert math_verify_score(response, "0.5")[0] == 1.0
     assert strict_box(response, "0.5") == (-1.0, "\\frac{1}{2}")
     p = Problem("u", "q", "0.5")
-    assert ArithmeticToolTask(scorer="math_verify").score(response, p)[0] == 1.0
-    assert ArithmeticToolTask(scorer="strict_box").score(response, p)[0] == -1.0
+    assert ArithmeticToolTask(scorer=math_verify_score).score(response, p)[0] == 1.0
+    assert ArithmeticToolTask(scorer=strict_box).score(response, p)[0] == -1.0
+    assert ArithmeticToolTask().score(response, p)[0] == -1.0  # strict box by default (SPEAR_SPEC §6.1)
 
 
 def test_math_verify_wrong_and_missing_answers_score_minus_one():
@@ -30,6 +32,19 @@ def test_math_verify_works_off_the_main_thread():
     assert out and out[0][0] == 1.0
 
 
-def test_unknown_scorer_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"unknown scorer 'exact'.*\['math_verify', 'strict_box'\]"):
-        get_scorer("exact")
+@pytest.mark.parametrize("task", [ArithmeticToolTask, FileMathTask])
+def test_a_scorer_given_by_name_says_how_to_select_one(task):
+    with pytest.raises(ValueError, match=r"scorer='math_verify' must be a callable.*_target_: spear_lit\.tasks\."
+                                         r"scoring\.strict_box"):
+        task(scorer="math_verify")
+
+
+def test_the_task_configs_select_their_scorer_by_target():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "task"
+    scorer = instantiate(OmegaConf.load(conf / "arithmetic.yaml").scorer)
+    assert scorer("\\boxed{4}", "4") == (1.0, "4") and scorer("\\boxed{04}", "4")[0] == -1.0
+    picked = instantiate(OmegaConf.create({"_target_": "spear_lit.tasks.scoring.math_verify_score", "_partial_": True}))
+    assert picked("\\boxed{\\frac{1}{2}}", "0.5")[0] == 1.0
