@@ -36,6 +36,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.checkpoint import ConfigRecord
+    from callbacks.contracts import check_algorithm_callbacks
     from spear_lit.training import checkpoints as ckpts
     from spear_lit.training.console import quiet
     from spear_lit.training.export import export_hf
@@ -58,7 +59,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    named = {k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()}
+    callbacks = check_algorithm_callbacks(data, learner, named)  # a needed one removed: error; contract order
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, ConfigRecord(config)], _convert_="all")
     try:
         # weights_only: our own dataclasses are allow-listed (register_checkpoint_types), nothing else runs

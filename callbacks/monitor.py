@@ -7,10 +7,12 @@ import logging
 import lightning as L
 
 from callbacks._iteration import finished_iteration
+from callbacks.contracts import contract
 
 log = logging.getLogger(__name__)
 
 
+@contract(reads=("record.metrics.policy/entropy",), sets=("record.metrics.policy/entropy_vs_start",))
 class EntropyMonitor(L.Callback):
     """Tracks the policy's pre-update token entropy per RL iteration and warns once when it collapses.
 

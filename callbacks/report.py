@@ -11,6 +11,7 @@ import lightning as L
 from tqdm.auto import tqdm
 
 from callbacks._iteration import finished_iteration, rollout_data
+from callbacks.contracts import contract
 from spear_lit.training.dist import all_reduce
 from spear_lit.training.loggers import log_image
 
@@ -31,6 +32,8 @@ PHASES = ["perf/generation_s", "perf/tool_s", "perf/score_s", "perf/old_logp_s",
 PLOTTED = ["rollout/reward_mean", "rollout/success_rate", "policy/entropy", "sched/sil_coef", "sched/tool_reward_weight"]
 
 
+@contract(reads=("record.metrics.*", "learner.iteration_metrics", "learner.sil_coef", "data.validation_s",
+                 "learner.initial_validation"))
 class IterationReport(L.Callback):
     """One row per RL iteration: merged rollout, train, schedule and timing metrics.
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import lightning as L
 
 from callbacks._iteration import finished_iteration, rollout_data
+from callbacks.contracts import contract
 
 
+@contract(sets=("record.metrics.val/*", "data.validation_s", "learner.initial_validation"))
 class Validation(L.Callback):
     """Adds held-out success rates to the iteration record.
 

@@ -22,6 +22,7 @@ from helpers import REPO, compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from callbacks.contracts import check_algorithm_callbacks
 from datamodules.scoring import score_rows
 from spear_lit.batch import Sample
 from spear_lit.policy import builtin_checkpoint, byte_chat_tokenizer
@@ -72,7 +73,8 @@ def test_experiment_composes_and_instantiates(name, qwen_1_5b, tmp_path):
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    named = {k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()}
+    callbacks = check_algorithm_callbacks(data, learner, named)  # train.py's check: no needed callback is missing
     agent = data.agent
     assert type(agent).__name__ == "EnvAgent" and agent.name == name.split("_")[0]
     assert agent._pools == {}  # environments (ALFWorld: worker processes) start only when first used
@@ -140,12 +142,13 @@ def _check_paper_settings(name: str, cfg, learner, data, callbacks):
         assert (r.capacity, r.tolerate_steps, r.trigger_factor, r.decay, r.norm_by_std) == (2048, 5, 1.5, -1.0, False)
         assert not r.require_tool_call
         sil = by_type["SILWarmup"]
-        assert (sil.peak, sil.total) == (1.0, 200) and (tool.kind, tool.total) == ("cosine", 200)
+        assert (sil.peak, sil.total) == (1.0, 200) and tool.schedule.keywords == {"total_steps": 200}
+        assert tool.schedule.func.__name__ == "cosine_decay"
         assert by_type["P50Baseline"].history.capacity == 10240
         assert data.toolcall_bonus.func.__name__ == "standard_bonus"
     else:
         assert obj.func.__name__ == "ppo_clip_loss" and obj.keywords["clip_c"] == 10.0
-        assert data.replay is None and data.toolcall_bonus is None and tool.kind == "none"
+        assert data.replay is None and data.toolcall_bonus is None and tool.schedule is None
 
 
 def test_every_algorithm_has_its_gigpo_twin_on_both_environments():

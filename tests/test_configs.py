@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from callbacks.contracts import check_algorithm_callbacks
 from spear_lit.config_check import ConfigError, check_config
 from spear_lit.policy import builtin_checkpoint, byte_chat_tokenizer
 
@@ -118,7 +119,8 @@ def test_config_composes_and_instantiates(group, option, inputs, tmp_path):
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
-    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
+    named = {k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()}
+    callbacks = check_algorithm_callbacks(data, learner, named)  # train.py's check: no needed callback is missing
     try:
         model = learner.policy_source.model()
         n_params = sum(p.numel() for p in model.parameters())
@@ -163,17 +165,17 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
         assert (r.capacity, r.tolerate_steps, r.decay) == (2048, 5, -1.0)
         sil = by_type["SILWarmup"]
         assert (sil.peak, sil.total) == (1.0, 300)
-        assert (tool.kind, tool.total) == ("cosine", 200)
+        assert tool.schedule.func.__name__ == "cosine_decay" and tool.schedule.keywords == {"total_steps": 200}
         assert by_type["P50Baseline"].history.capacity == 10240
         bonus = "qwen3_bonus" if "qwen3" in option else "standard_bonus"
         assert data.toolcall_bonus.func.__name__ == bonus
     else:
-        assert data.replay is None and data.toolcall_bonus is None and tool.kind == "none"
+        assert data.replay is None and data.toolcall_bonus is None and tool.schedule is None
 
 
 # ---------------------------------------------------------------- errors name the key
 @pytest.mark.parametrize("override, words", [
-    ("callbacks.tool_reward.kind=bogus", ["callbacks.tool_reward.kind", "none", "constant", "cosine"]),
+    ("callbacks.tool_reward.schedule=cosine", ["callbacks.tool_reward.schedule", "must be a function", "null"]),
     ("+data.filters.bogus=true", ["data.filters.bogus=True", "_target_", "(samples, max_response_len) -> bool[N]"]),
     ("+data.filters.shape={_target_:datamodules.variants.standard_bonus,_partial_:true}",  # not a filter's call shape
      ["data.filters.shape", "weight", "called as (samples, max_response_len)"]),
