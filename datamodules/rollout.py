@@ -175,9 +175,14 @@ class RolloutDataModule(L.LightningDataModule):
         stats["filter/groups_dropped"] = float(dropped)
         self._check_tool(t, stats)
         logp_start = time.perf_counter()
-        stats["policy/entropy"] = self._fill_old_logp(batch)  # pre-update (the updates': policy/entropy_update)
+        rows_all_ranks = sum(all_gather_objects(len(batch)))
+        in_step = self.replay is None and self.ppo_epochs == 1 and rows_all_ranks <= self.mini_batch_rows
+        if not in_step:  # else the only step's own forward gives them (MiniBatch.old_logp_in_step)
+            stats["policy/entropy"] = self._fill_old_logp(batch)  # pre-update (the updates': policy/entropy_update)
         stats["perf/old_logp_s"] = time.perf_counter() - logp_start
         steps = self._on_policy_steps(batch, t)
+        for s in steps:
+            s.old_logp_in_step = in_step
         stats["perf/score_s"] = score_s
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
