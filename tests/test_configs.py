@@ -93,6 +93,8 @@ def _required(cfg, option: str, inputs) -> tuple[list[str], bool]:
             builtin_checkpoint(cfg.model.path.split(":", 1)[1])
         except FileNotFoundError:  # the shipped tiny checkpoint is not built yet: same architecture, random
             ov += ["model.path=null"]
+    elif cfg.model.get("path"):  # a local real model (smollm2_math_spear; tests/test_real_model.py loads it)
+        ov += ["model.path=null"]
     if "train_files" in cfg.task.keys() and OmegaConf.is_missing(cfg.task, "train_files"):  # `in` skips ???
         ov += [f"task.train_files=[{inputs['train']}]", f"task.val_files=[{inputs['val']}]"]
     if OmegaConf.is_missing(cfg, "iterations"):
