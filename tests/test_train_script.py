@@ -62,6 +62,8 @@ def test_two_ranks_run_identical_steps_with_uneven_filtering_and_replay_and_resu
     assert any(s.startswith("replay") for v in r0["steps"].values() for s in v), r0["steps"]
     assert r0["global_step"] == r1["global_step"] > 0
     assert r0["final_buffer"] != r1["final_buffer"]  # rank-local buffers really differ
+    with open(tmp_path / "a" / "metrics.csv") as f:  # rank 1 drops its 8 odd rows of 16, rank 0 none
+        assert [float(r["filter/asym"]) for r in csv.DictReader(f)] == [8.0] * 5
 
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     second = _run([*common, "iterations=6", f"run_dir={tmp_path}/b", f"ckpt_path={ckpt}"])
