@@ -10,9 +10,11 @@ and the diff of the JSON file goes into the commit that changed them, for review
 
 Compared: every metrics.csv column except ``perf/*`` (wall-clock timings) - which columns exist, and their
 values. Counts and decisions (optimizer steps, buffer size, replays, filters, tool calls) must be equal;
-other floats agree to rel 1e-5: the run is bit-for-bit repeatable on one machine, but fp32 sums (GEMM,
-reductions) may round differently on another CPU's kernels by ~1e-7 relative. Anything that changes a sampled
-token, a reward or a decision moves these numbers by orders of magnitude more.
+other floats agree to rel 5e-4: the run is bit-for-bit repeatable on one machine, but fp32 sums (GEMM,
+reductions) round differently on another CPU's kernels, and small quantities amplify it: on an AMD EPYC the file
+written on another machine differed by up to 8.5e-5 relative (entropies of near-deterministic token
+distributions, KL estimates near 0, a replay step's grad norm). Anything that changes a sampled token, a
+reward or a decision moves these numbers by far more.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _differences(got: list[dict], want: list[dict]) -> list[str]:
         for k in sorted(set(g) & set(w)):
             a, b = g[k], w[k]
             same = (math.isnan(a) and math.isnan(b)) or (
-                a == b if k in EXACT else a == pytest.approx(b, rel=1e-5, abs=1e-9))
+                a == b if k in EXACT else a == pytest.approx(b, rel=5e-4, abs=1e-9))
             if not same:
                 out.append(f"iteration {it}: {k} = {a!r}, golden {b!r}")
     return out
