@@ -69,18 +69,21 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer_factory(self.model.parameters())
 
-    def forward_logits(self, b: TokenBatch, model=None) -> torch.Tensor:
-        """Logits ``[n, P+T, V]`` of every position of ``b`` (``model``: the policy unless given)."""
+    def forward_logits(self, b: TokenBatch, model=None, keep: int = 0) -> torch.Tensor:
+        """Logits ``[n, P+T, V]`` of every position of ``b`` (``model``: the policy unless given); with ``keep``
+        only those of the last ``keep`` positions (the LM head skips the rest: less compute, much less memory
+        with a large vocabulary)."""
         model = model or self.model
         pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() derives them from the mask
         return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
-                     use_cache=False).logits
+                     use_cache=False, logits_to_keep=keep).logits
 
     def token_stats(self, b: TokenBatch, model=None, entropy: bool = True):
         """Per-token ``logp [n, T]`` and entropy ``[n, T]`` of the response tokens of ``b``."""
-        P = b.prompt_width
-        logits = self.forward_logits(b, model)[:, P - 1:-1].float() / self.temperature  # P-1+j predicts token j
-        logp = logprobs_from_logits(logits, b.input_ids[:, P:])
+        T = b.input_ids.shape[1] - b.prompt_width
+        # positions P-1 .. P+T-2 predict the T response tokens: the LM head runs on the last T+1 positions only
+        logits = self.forward_logits(b, model, keep=T + 1)[:, :-1].float() / self.temperature
+        logp = logprobs_from_logits(logits, b.input_ids[:, b.prompt_width:])
         ent = entropy_from_logits(logits) if entropy else None
         return logp, ent
 
