@@ -1,9 +1,9 @@
 """Composition root: compose the Hydra config, instantiate, ``Trainer.fit``, export the policy.
 
-    python train.py                          # SPEAR on the tiny math-with-tool task (CPU, minutes)
-    python train.py +experiment=tiny_drbot   # a baseline; see conf/experiment/
-    python train.py loss=grpo iterations=5   # swap a group, change a value
-    python train.py ckpt_path=auto run_dir=outputs/x   # continue the run in outputs/x (fresh if none)
+python train.py                          # SPEAR on the tiny math-with-tool task (CPU, minutes)
+python train.py +experiment=tiny_drbot   # a baseline; see conf/experiment/
+python train.py loss=grpo iterations=5   # swap a group, change a value
+python train.py ckpt_path=auto run_dir=outputs/x   # continue the run in outputs/x (fresh if none)
 """
 
 from __future__ import annotations
@@ -59,9 +59,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
-    named = {k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()}
+    named = {
+        k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()
+    }
     callbacks = check_algorithm_callbacks(data, learner, named)  # a needed one removed: error; contract order
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, ConfigRecord(config)], _convert_="all")
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[*callbacks, ConfigRecord(config)], _convert_="all"
+    )
     try:
         # weights_only: our own dataclasses are allow-listed (register_checkpoint_types), nothing else runs
         trainer.fit(learner, datamodule=data, ckpt_path=ckpt, weights_only=True)
@@ -82,9 +86,12 @@ def check(cfg: DictConfig) -> None:
     the rules); a single file where a list of files is expected becomes a one-element list in ``cfg``."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"required value(s) not set: {', '.join(missing)} (e.g. `python train.py {missing[0]}=...`)")
-    fixes = config_check.check_config(OmegaConf.to_container(cfg, resolve=True),
-                                      OmegaConf.to_container(cfg, resolve=False), _primary())
+        raise ConfigError(
+            f"required value(s) not set: {', '.join(missing)} (e.g. `python train.py {missing[0]}=...`)"
+        )
+    fixes = config_check.check_config(
+        OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False), _primary()
+    )
     for key, value in fixes.items():
         OmegaConf.update(cfg, key, value, merge=False)
 
@@ -95,14 +102,24 @@ def _primary() -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one line; the full config is a file
+    if (
+        os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    ):  # one line; the full config is a file
         from hydra.core.hydra_config import HydraConfig
 
         c, out = HydraConfig.get().runtime.choices, HydraConfig.get().runtime.output_dir
-        log.info("experiment %s | model %s | task %s | algorithm %s | rollout %s | trainer %s | run dir %s "
-                 "(config: %s/.hydra/config.yaml)", c.get("experiment", "tiny_spear (default)"),
-                 cfg.model.get("path") or c.get("model"), c.get("task"), c.get("loss"), c.get("rollout"),
-                 c.get("trainer"), cfg.run_dir, out)
+        log.info(
+            "experiment %s | model %s | task %s | algorithm %s | rollout %s | trainer %s | run dir %s "
+            "(config: %s/.hydra/config.yaml)",
+            c.get("experiment", "tiny_spear (default)"),
+            cfg.model.get("path") or c.get("model"),
+            c.get("task"),
+            c.get("loss"),
+            c.get("rollout"),
+            c.get("trainer"),
+            cfg.run_dir,
+            out,
+        )
     try:
         check(cfg)  # fast: the run's own keys and world sizes first, then the callables' signatures
         _run(cfg)
@@ -134,7 +151,9 @@ def _run(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:  # before Hydra composes: a misspelt top-level key, with or without `+`, named with the nearest one
-        config_check.check_command_line(sys.argv[1:], _primary(), {d.name for d in CONF.iterdir() if d.is_dir()})
+        config_check.check_command_line(
+            sys.argv[1:], _primary(), {d.name for d in CONF.iterdir() if d.is_dir()}
+        )
     except ConfigError as e:
         _refuse(e)
     main()

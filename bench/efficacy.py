@@ -35,14 +35,33 @@ REPO = Path(__file__).resolve().parents[1]
 STUDY = ["tiny_grpo", "tiny_drbot", "tiny_spear", "explore_grpo", "explore_drbot", "explore_spear"]
 SMOKE_EXPERIMENTS = ["tiny_grpo", "explore_spear"]
 # --smoke: a few prompts, short replies and 4 validation problems, so that a run takes seconds
-SMOKE_OVERRIDES = ["data.prompts_per_iteration=2", "data.group_size=4", "data.mini_batch_rows=8",
-                   "data.micro_batch_rows=8", "data.val_max_problems=4", "spear.buffer_size=2",
-                   "tool.num_workers=1", "trainer.logger=null"]
-COLUMNS = ["held-out greedy", "held-out sampled", "train success first 1/5", "train success last 1/5",
-           "train success AUC", "final entropy", "wall time (s)", "iterations"]
-CURVES = [("val_greedy", "held-out success (greedy)"), ("val_sampled", "held-out success (sampled, T=1)"),
-          ("rollout/success_rate", "training success (T=1)"), ("policy/entropy", "entropy (pre-update)"),
-          ("rollout/response_len_mean", "response length (tokens)")]
+SMOKE_OVERRIDES = [
+    "data.prompts_per_iteration=2",
+    "data.group_size=4",
+    "data.mini_batch_rows=8",
+    "data.micro_batch_rows=8",
+    "data.val_max_problems=4",
+    "spear.buffer_size=2",
+    "tool.num_workers=1",
+    "trainer.logger=null",
+]
+COLUMNS = [
+    "held-out greedy",
+    "held-out sampled",
+    "train success first 1/5",
+    "train success last 1/5",
+    "train success AUC",
+    "final entropy",
+    "wall time (s)",
+    "iterations",
+]
+CURVES = [
+    ("val_greedy", "held-out success (greedy)"),
+    ("val_sampled", "held-out success (sampled, T=1)"),
+    ("rollout/success_rate", "training success (T=1)"),
+    ("policy/entropy", "entropy (pre-update)"),
+    ("rollout/response_len_mean", "response length (tokens)"),
+]
 _START = re.compile(r"^\s*(val/\S+)\s+(\S+) -> (\S+)\s*$", re.M)  # IterationReport's summary line
 
 
@@ -56,7 +75,10 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
 
 
 def is_finished(d: Path, iterations: int) -> bool:
@@ -65,9 +87,20 @@ def is_finished(d: Path, iterations: int) -> bool:
     return (d / "policy_hf").is_dir() and set(range(1, iterations + 1)) <= done
 
 
-def train_command(experiment: str, seed: int, iterations: int, d: Path, overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), f"+experiment={experiment}", f"seed={seed}",
-            f"iterations={iterations}", f"run_dir={d}", "ckpt_path=auto", f"hydra.run.dir={d}/hydra", *overrides]
+def train_command(
+    experiment: str, seed: int, iterations: int, d: Path, overrides: Sequence[str]
+) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"+experiment={experiment}",
+        f"seed={seed}",
+        f"iterations={iterations}",
+        f"run_dir={d}",
+        "ckpt_path=auto",
+        f"hydra.run.dir={d}/hydra",
+        *overrides,
+    ]
 
 
 def launch(experiment: str, seed: int, iterations: int, d: Path, overrides: Sequence[str]) -> int:
@@ -126,17 +159,24 @@ def summarize(d: Path) -> dict:
                 start[key] = float(s)
     return {
         "task": task,
-        "held-out greedy": _last(rows, greedy), "held-out sampled": _last(rows, sampled),
-        "start greedy": start.get(greedy, math.nan), "start sampled": start.get(sampled, math.nan),
-        "train success first 1/5": _mean(succ[:k]), "train success last 1/5": _mean(succ[-k:]),
-        "train success AUC": _mean(succ), "final entropy": _last(rows, "policy/entropy"),
-        "wall time (s)": sum(json.loads(wall.read_text())) if wall.exists()
+        "held-out greedy": _last(rows, greedy),
+        "held-out sampled": _last(rows, sampled),
+        "start greedy": start.get(greedy, math.nan),
+        "start sampled": start.get(sampled, math.nan),
+        "train success first 1/5": _mean(succ[:k]),
+        "train success last 1/5": _mean(succ[-k:]),
+        "train success AUC": _mean(succ),
+        "final entropy": _last(rows, "policy/entropy"),
+        "wall time (s)": sum(json.loads(wall.read_text()))
+        if wall.exists()
         else sum(r.get("perf/iteration_s", 0.0) for r in rows),
         "iterations": float(len(rows)),
-        "curves": {"iteration": [r["iteration"] for r in rows],
-                   **{key: [r.get(key, math.nan) for r in rows] for key, _ in CURVES[2:]},
-                   "val_greedy": [r.get(greedy, math.nan) for r in rows],
-                   "val_sampled": [r.get(sampled, math.nan) for r in rows]},
+        "curves": {
+            "iteration": [r["iteration"] for r in rows],
+            **{key: [r.get(key, math.nan) for r in rows] for key, _ in CURVES[2:]},
+            "val_greedy": [r.get(greedy, math.nan) for r in rows],
+            "val_sampled": [r.get(sampled, math.nan) for r in rows],
+        },
     }
 
 
@@ -157,24 +197,39 @@ def report(results: dict[str, dict[int, dict]], *, iterations: int, command: str
     for e, runs in results.items():
         task = next((r["task"] for r in runs.values() if r["task"] != "?"), "?")
         tasks.setdefault(task, []).append(e)
-    lines = ["# Efficacy study", "", f"`{command}`", "",
-             f"Mean ± sample std over seeds; {iterations} iterations requested per run. Held-out: the final "
-             "validation (greedy; sampled at T = 1). Training success: rollouts at T = 1, first and last fifth of "
-             "the iterations; AUC = mean training success over all iterations. Entropy: pre-update token mean of "
-             "the last iteration. Wall time: per run.", ""]
+    lines = [
+        "# Efficacy study",
+        "",
+        f"`{command}`",
+        "",
+        f"Mean ± sample std over seeds; {iterations} iterations requested per run. Held-out: the final "
+        "validation (greedy; sampled at T = 1). Training success: rollouts at T = 1, first and last fifth of "
+        "the iterations; AUC = mean training success over all iterations. Entropy: pre-update token mean of "
+        "the last iteration. Wall time: per run.",
+        "",
+    ]
     for task, exps in tasks.items():
-        lines += [f"## task `{task}`", "", "| experiment | seeds | " + " | ".join(COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(COLUMNS)]
+        lines += [
+            f"## task `{task}`",
+            "",
+            "| experiment | seeds | " + " | ".join(COLUMNS) + " |",
+            "|---|---|" + "---|" * len(COLUMNS),
+        ]
         starts = []
         for e in exps:
             runs = results[e]
-            cells = [mean_std([r[c] for r in runs.values()], 0 if c in ("wall time (s)", "iterations") else 3)
-                     for c in COLUMNS]
+            cells = [
+                mean_std([r[c] for r in runs.values()], 0 if c in ("wall time (s)", "iterations") else 3)
+                for c in COLUMNS
+            ]
             lines.append(f"| {e} | {','.join(map(str, sorted(runs)))} | " + " | ".join(cells) + " |")
             starts += [(r["start greedy"], r["start sampled"]) for r in runs.values()]
         if starts:
-            lines += ["", f"Held-out success of the initial policy (iteration 0, mean over the runs above): greedy "
-                      f"{mean_std([g for g, _ in starts])}, sampled {mean_std([s for _, s in starts])}."]
+            lines += [
+                "",
+                f"Held-out success of the initial policy (iteration 0, mean over the runs above): greedy "
+                f"{mean_std([g for g, _ in starts])}, sampled {mean_std([s for _, s in starts])}.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -189,7 +244,9 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> Path:
     tasks: dict[str, list[str]] = {}
     for e, runs in results.items():
         tasks.setdefault(next((r["task"] for r in runs.values() if r["task"] != "?"), "?"), []).append(e)
-    fig, axes = plt.subplots(len(tasks), len(CURVES), figsize=(4 * len(CURVES), 3.2 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(tasks), len(CURVES), figsize=(4 * len(CURVES), 3.2 * len(tasks)), squeeze=False
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (task, exps) in enumerate(tasks.items()):
         for j, e in enumerate(exps):
@@ -199,7 +256,11 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> Path:
                     for it, v in zip(r["curves"]["iteration"], r["curves"][key]):
                         if not math.isnan(v):
                             by_it.setdefault(it, []).append(v)
-                    start = r.get("start " + key.removeprefix("val_"), math.nan) if key.startswith("val_") else math.nan
+                    start = (
+                        r.get("start " + key.removeprefix("val_"), math.nan)
+                        if key.startswith("val_")
+                        else math.nan
+                    )
                     if not math.isnan(start):
                         by_it.setdefault(0.0, []).append(start)
                 its = sorted(by_it)
@@ -209,7 +270,9 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> Path:
                 mean = [statistics.fmean(by_it[i]) for i in its]
                 marker = "o" if key.startswith("val_") else None
                 ax.plot(its, mean, color=c, lw=1.5, marker=marker, ms=3, label=e)
-                ax.fill_between(its, [min(by_it[i]) for i in its], [max(by_it[i]) for i in its], color=c, alpha=0.2)
+                ax.fill_between(
+                    its, [min(by_it[i]) for i in its], [max(by_it[i]) for i in its], color=c, alpha=0.2
+                )
         for col, (_, title) in enumerate(CURVES):
             ax = axes[row][col]
             ax.set_title(f"{task}: {title}", fontsize=9)
@@ -222,8 +285,9 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> Path:
     return path
 
 
-def cold_start(experiment: str, *, problems: int, samples: int, seed: int = 0,
-               overrides: Sequence[str] = ()) -> dict[str, float]:
+def cold_start(
+    experiment: str, *, problems: int, samples: int, seed: int = 0, overrides: Sequence[str] = ()
+) -> dict[str, float]:
     """Held-out success of an experiment's initial policy (no training), in this process.
 
     Greedy: one episode per validation problem; sampled: avg@``samples`` at the validation temperature
@@ -235,16 +299,27 @@ def cold_start(experiment: str, *, problems: int, samples: int, seed: int = 0,
 
     torch.manual_seed(seed)
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", f"seed={seed}", "run_dir=/nonexistent",
-                                           f"data.val_max_problems={problems}", f"data.val_group_size={samples}",
-                                           *overrides])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"+experiment={experiment}",
+                f"seed={seed}",
+                "run_dir=/nonexistent",
+                f"data.val_max_problems={problems}",
+                f"data.val_group_size={samples}",
+                *overrides,
+            ],
+        )
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
     learner.configure_model()
     try:
-        return {"greedy": data.evaluate(0, greedy=True), "sampled": data.evaluate(0, greedy=False),
-                "task": getattr(data.agent, "name", "?")}
+        return {
+            "greedy": data.evaluate(0, greedy=True),
+            "sampled": data.evaluate(0, greedy=False),
+            "task": getattr(data.agent, "name", "?"),
+        }
     finally:
         data.teardown("fit")
 
@@ -252,25 +327,38 @@ def cold_start(experiment: str, *, problems: int, samples: int, seed: int = 0,
 # ------------------------------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--experiments", nargs="+", help=f"default: {' '.join(STUDY)} (--smoke: {SMOKE_EXPERIMENTS})")
+    ap.add_argument(
+        "--experiments", nargs="+", help=f"default: {' '.join(STUDY)} (--smoke: {SMOKE_EXPERIMENTS})"
+    )
     ap.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--smoke: 0 1)")
     ap.add_argument("--iterations", type=int, help="RL iterations per run; default 60 (--smoke: 2)")
     ap.add_argument("--out", type=Path, required=True, help="study folder: runs, report.md, curves.png")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a test of the harness, not a study)")
-    ap.add_argument("--report-only", action="store_true", help="write the report from the runs there; train nothing")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. data.val_max_problems=128)")
-    ap.add_argument("--cold-start", action="store_true",
-                    help="only measure each experiment's initial policy on its validation problems (no training)")
+    ap.add_argument(
+        "--report-only", action="store_true", help="write the report from the runs there; train nothing"
+    )
+    ap.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides for every run (e.g. data.val_max_problems=128)"
+    )
+    ap.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="only measure each experiment's initial policy on its validation problems (no training)",
+    )
     ap.add_argument("--problems", type=int, default=128, help="--cold-start: validation problems")
     ap.add_argument("--samples", type=int, default=4, help="--cold-start: sampled episodes per problem")
     args = ap.parse_args(argv)
     if args.cold_start:
         sys.path.insert(0, str(REPO))
-        print("| experiment | task | held-out greedy | held-out sampled (T=1) | problems x samples |\n|---|---|---|---|---|")
+        print(
+            "| experiment | task | held-out greedy | held-out sampled (T=1) | problems x samples |\n|---|---|---|---|---|"
+        )
         for e in args.experiments or STUDY:
             r = cold_start(e, problems=args.problems, samples=args.samples, overrides=args.overrides)
-            print(f"| {e} | {r['task']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {args.problems} x {args.samples} |",
-                  flush=True)
+            print(
+                f"| {e} | {r['task']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {args.problems} x {args.samples} |",
+                flush=True,
+            )
         return 0
     experiments = args.experiments or (SMOKE_EXPERIMENTS if args.smoke else STUDY)
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.smoke else [0, 1, 2])
@@ -281,19 +369,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in seeds:
             d = run_dir(args.out, e, s)
             if args.report_only or is_finished(d, iterations):
-                print(f"[efficacy] {e} seed {s}: {'finished' if is_finished(d, iterations) else 'not run'}, skipped")
+                print(
+                    f"[efficacy] {e} seed {s}: {'finished' if is_finished(d, iterations) else 'not run'}, skipped"
+                )
                 continue
             print(f"[efficacy] {e} seed {s}: training ({d}/train.log)", flush=True)
             rc = launch(e, s, iterations, d, overrides)
             if rc != 0 or not is_finished(d, iterations):
                 failed.append(f"{e} seed {s} (exit {rc}, see {d}/train.log)")
-    results = {e: {s: summarize(run_dir(args.out, e, s)) for s in seeds
-                   if (run_dir(args.out, e, s) / "metrics.csv").exists()} for e in experiments}
+    results = {
+        e: {
+            s: summarize(run_dir(args.out, e, s))
+            for s in seeds
+            if (run_dir(args.out, e, s) / "metrics.csv").exists()
+        }
+        for e in experiments
+    }
     results = {e: r for e, r in results.items() if r}
     command = "python bench/efficacy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, iterations=iterations, command=command)
     if failed:
-        text += "\n**Unfinished runs** (resume: run the same command again):\n" + "".join(f"\n* {f}" for f in failed)
+        text += "\n**Unfinished runs** (resume: run the same command again):\n" + "".join(
+            f"\n* {f}" for f in failed
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(text + "\n")
     if results:

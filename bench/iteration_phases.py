@@ -31,9 +31,19 @@ from callbacks.report import PHASES  # noqa: E402
 def run(experiment: str, engine: str, iterations: int, extra: list[str]) -> dict[str, float]:
     """One ``train.py`` process; medians over its iterations 2..N."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, str(REPO / "train.py"), f"+experiment={experiment}", f"rollout={engine}",
-                f"iterations={iterations}", f"run_dir={tmp}", f"hydra.run.dir={tmp}/hydra", "~callbacks.validation",
-                "export_hf=false", "trainer.logger=null", *extra]
+        args = [
+            sys.executable,
+            str(REPO / "train.py"),
+            f"+experiment={experiment}",
+            f"rollout={engine}",
+            f"iterations={iterations}",
+            f"run_dir={tmp}",
+            f"hydra.run.dir={tmp}/hydra",
+            "~callbacks.validation",
+            "export_hf=false",
+            "trainer.logger=null",
+            *extra,
+        ]
         proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{experiment} / {engine} failed:\n{proc.stderr[-3000:]}")
@@ -57,11 +67,15 @@ def main() -> None:
             results[c].append(run(*c, args.iterations, args.overrides))
             print(f"round {r + 1} {c}: {results[c][-1]['perf/iteration_s']:.2f} s/iteration", flush=True)
     med = {c: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for c, runs in results.items()}
-    print(f"\nOMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
-          f"{args.rounds} runs per case alternated, {args.iterations} iterations per run (medians of "
-          "iterations 2..N, then of runs; seconds)\n")
+    print(
+        f"\nOMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
+        f"{args.rounds} runs per case alternated, {args.iterations} iterations per run (medians of "
+        "iterations 2..N, then of runs; seconds)\n"
+    )
     names = [p.removeprefix("perf/").removesuffix("_s") for p in PHASES]
-    print(f"| experiment | engine | s/iteration | {' | '.join(names)} | s/iteration vs {args.experiments[-1]} |")
+    print(
+        f"| experiment | engine | s/iteration | {' | '.join(names)} | s/iteration vs {args.experiments[-1]} |"
+    )
     print("|" + "---|" * (len(PHASES) + 4))
     for (e, g), m in med.items():
         ratio = m["perf/iteration_s"] / med[(args.experiments[-1], g)]["perf/iteration_s"]

@@ -21,16 +21,31 @@ sys.path.insert(0, str(REPO))
 
 from train import train  # noqa: E402
 
-COLUMNS = [("perf/iteration_s", "s/iter"), ("perf/rollout_tokens_per_s", "rollout tok/s"),
-           ("perf/train_tokens_per_s", "train tok/s"), ("perf/rollout_s", "rollout s"),
-           ("rollout/success_rate", "success"), ("buffer/replayed", "replayed rows")]
+COLUMNS = [
+    ("perf/iteration_s", "s/iter"),
+    ("perf/rollout_tokens_per_s", "rollout tok/s"),
+    ("perf/train_tokens_per_s", "train tok/s"),
+    ("perf/rollout_s", "rollout s"),
+    ("rollout/success_rate", "success"),
+    ("buffer/replayed", "replayed rows"),
+]
 
 
 def run(experiment: str, iterations: int, extra: list[str]) -> list[dict]:
     """Train ``experiment`` for ``iterations`` and return its per-iteration rows."""
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", f"iterations={iterations}", f"run_dir={tmp}",
-                                           "~callbacks.validation", "export_hf=false", "trainer.logger=null", *extra])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"+experiment={experiment}",
+                f"iterations={iterations}",
+                f"run_dir={tmp}",
+                "~callbacks.validation",
+                "export_hf=false",
+                "trainer.logger=null",
+                *extra,
+            ],
+        )
         _, objs = train(cfg)
         report = next(c for c in objs["trainer"].callbacks if type(c).__name__ == "IterationReport")
         return report.rows

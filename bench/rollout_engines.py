@@ -24,18 +24,34 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = {"hf": ["rollout=hf"], "vllm_cpu": ["rollout=vllm_cpu"],
-           "vllm_cpu_compiled": ["rollout=vllm_cpu", "rollout.enforce_eager=false"]}
-COLUMNS = [("perf/iteration_s", "s/iteration"), ("perf/rollout_s", "rollout s"),
-           ("perf/rollout_tokens_per_s", "rollout tok/s"), ("rollout/success_rate", "success")]
+ENGINES = {
+    "hf": ["rollout=hf"],
+    "vllm_cpu": ["rollout=vllm_cpu"],
+    "vllm_cpu_compiled": ["rollout=vllm_cpu", "rollout.enforce_eager=false"],
+}
+COLUMNS = [
+    ("perf/iteration_s", "s/iteration"),
+    ("perf/rollout_s", "rollout s"),
+    ("perf/rollout_tokens_per_s", "rollout tok/s"),
+    ("rollout/success_rate", "success"),
+]
 
 
 def run(engine: str, iterations: int, extra: list[str]) -> dict:
     """One ``train.py`` process with ``engine``; medians over its iterations 2..N and its wall time."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, str(REPO / "train.py"), *ENGINES[engine], f"iterations={iterations}",
-                f"run_dir={tmp}", f"hydra.run.dir={tmp}/hydra", "~callbacks.validation", "export_hf=false",
-                "trainer.logger=null", *extra]
+        args = [
+            sys.executable,
+            str(REPO / "train.py"),
+            *ENGINES[engine],
+            f"iterations={iterations}",
+            f"run_dir={tmp}",
+            f"hydra.run.dir={tmp}/hydra",
+            "~callbacks.validation",
+            "export_hf=false",
+            "trainer.logger=null",
+            *extra,
+        ]
         start = time.perf_counter()
         proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -58,12 +74,16 @@ def main() -> None:
     for r in range(args.rounds):
         for e in args.engines:
             results[e].append(run(e, args.iterations, args.overrides))
-            print(f"round {r + 1} {e}: {json.dumps({k: round(v, 3) for k, v in results[e][-1].items()})}",
-                  flush=True)
+            print(
+                f"round {r + 1} {e}: {json.dumps({k: round(v, 3) for k, v in results[e][-1].items()})}",
+                flush=True,
+            )
     base = args.engines[0]
     base_s = statistics.median(x["perf/iteration_s"] for x in results[base])
-    print(f"\nOMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
-          f"{args.rounds} runs per engine alternated, {args.iterations} iterations per run (medians)\n")
+    print(
+        f"\nOMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
+        f"{args.rounds} runs per engine alternated, {args.iterations} iterations per run (medians)\n"
+    )
     print(f"| engine | {' | '.join(h for _, h in COLUMNS)} | process wall s | s/iteration vs {base} |")
     print("|" + "---|" * (len(COLUMNS) + 3))
     for e, runs in results.items():

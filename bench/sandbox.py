@@ -55,8 +55,10 @@ def one_shot(workers: int):
 def pooled(workers: int):
     tool = CodeInterpreter(num_workers=workers)
     pool = ThreadPoolExecutor(max_workers=workers)
-    return (lambda codes: list(pool.map(lambda c: timed(lambda x: tool.execute(x).stdout.strip(), c), codes)),
-            lambda: (pool.shutdown(), tool.close()))
+    return (
+        lambda codes: list(pool.map(lambda c: timed(lambda x: tool.execute(x).stdout.strip(), c), codes)),
+        lambda: (pool.shutdown(), tool.close()),
+    )
 
 
 def main() -> None:
@@ -65,7 +67,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    variants = {"one-shot bwrap (before)": one_shot(args.workers), "sandbox pool (after)": pooled(args.workers)}
+    variants = {
+        "one-shot bwrap (before)": one_shot(args.workers),
+        "sandbox pool (after)": pooled(args.workers),
+    }
     results: dict[str, dict[str, list[float]]] = {k: {"batch": [], "lat": []} for k in variants}
     for r in range(args.rounds):
         codes = programs(args.batch, seed=r)
@@ -79,8 +84,10 @@ def main() -> None:
     for _, close in variants.values():
         close()
     cpus = os.cpu_count()
-    print(f"batch {args.batch} x print(expr), {args.workers} threads/sandboxes, {args.rounds} rounds A B A B, "
-          f"{cpus} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; medians")
+    print(
+        f"batch {args.batch} x print(expr), {args.workers} threads/sandboxes, {args.rounds} rounds A B A B, "
+        f"{cpus} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; medians"
+    )
     print(f"{'variant':26} {'batch s':>9} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     summary = {}
     for name, res in results.items():
@@ -88,10 +95,24 @@ def main() -> None:
         lat = sorted(res["lat"])
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]
         print(f"{name:26} {batch:9.3f} {args.batch / batch:9.1f} {p50 * 1e3:8.1f} {p99 * 1e3:8.1f}")
-        summary[name] = {"batch_s": batch, "calls_per_s": args.batch / batch, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
+        summary[name] = {
+            "batch_s": batch,
+            "calls_per_s": args.batch / batch,
+            "p50_ms": p50 * 1e3,
+            "p99_ms": p99 * 1e3,
+        }
     before, after = (summary[k]["batch_s"] for k in variants)
-    print(json.dumps({"workers": args.workers, "batch": args.batch, "before_batch_s": round(before, 4),
-                      "after_batch_s": round(after, 4), "speedup": round(before / after, 2)}))
+    print(
+        json.dumps(
+            {
+                "workers": args.workers,
+                "batch": args.batch,
+                "before_batch_s": round(before, 4),
+                "after_batch_s": round(after, 4),
+                "speedup": round(before / after, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

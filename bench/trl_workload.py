@@ -75,8 +75,9 @@ class FixedLengthHFEngine(HFEngine):
     ``generation_kwargs={"min_new_tokens": ...}``: every completion has exactly the budget's length."""
 
     def generation_config(self, *, max_new_tokens, temperature, top_p, greedy):
-        config = super().generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                           greedy=greedy)
+        config = super().generation_config(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy
+        )
         config.min_new_tokens = int(max_new_tokens)
         return config
 
@@ -107,12 +108,21 @@ def fixed_length_vllm_engine(**kwargs):
 
             params = []
             for _, budget, seed in requests:
-                p = exact_sampling_params(max_tokens=budget, temperature=temperature, top_p=top_p, greedy=greedy,
-                                          seed=seed, eos_token_id=self.tokenizer.eos_token_id)
+                p = exact_sampling_params(
+                    max_tokens=budget,
+                    temperature=temperature,
+                    top_p=top_p,
+                    greedy=greedy,
+                    seed=seed,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
                 p.min_tokens = budget  # set before the request is added, where vLLM reads it
                 params.append(p)
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], params,
-                                     use_tqdm=False)
-            return [[int(t) for t in o.outputs[0].token_ids][:budget] for o, (_, budget, _) in zip(outs, requests)]
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], params, use_tqdm=False
+            )
+            return [
+                [int(t) for t in o.outputs[0].token_ids][:budget] for o, (_, budget, _) in zip(outs, requests)
+            ]
 
     return FixedLengthVLLMEngine(**kwargs)

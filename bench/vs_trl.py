@@ -43,8 +43,11 @@ PROMPTS, GROUP, NEW_TOKENS, MICRO_ROWS, LR, WD, CLIP = 8, 8, 128, 32, 1e-4, 0.01
 KINDS = ("trl", "ours", "floor", "ours_vllm")
 ENGINES = {  # our rollout engine, with EOS forbidden until the budget (bench/trl_workload.py)
     "hf": ["rollout._target_=trl_workload.FixedLengthHFEngine"],
-    "vllm_cpu": ["rollout=vllm_cpu", "rollout._target_=trl_workload.fixed_length_vllm_engine",
-                 f"rollout.max_model_len={64 + NEW_TOKENS}"],
+    "vllm_cpu": [
+        "rollout=vllm_cpu",
+        "rollout._target_=trl_workload.fixed_length_vllm_engine",
+        f"rollout.max_model_len={64 + NEW_TOKENS}",
+    ],
 }
 
 
@@ -60,10 +63,17 @@ def run_trl(model_dir: str, iterations: int, out: dict) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     problems = draw_problems(PROMPTS * iterations, random.Random(0), tok)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
-                                     add_generation_prompt=True) for p in problems]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        for p in problems
+    ]
     for p, t in zip(problems, texts):  # TRL tokenizes the rendered text: exactly our 64 prompt ids
-        assert tok(t)["input_ids"] == prompt_ids(tok, p.prompt) and len(prompt_ids(tok, p.prompt)) == PROMPT_TOKENS
+        assert (
+            tok(t)["input_ids"] == prompt_ids(tok, p.prompt)
+            and len(prompt_ids(tok, p.prompt)) == PROMPT_TOKENS
+        )
     data = Dataset.from_list([{"prompt": t, "answer": p.answer} for p, t in zip(problems, texts)])
 
     def reward(prompts, completions, answer, **kw):
@@ -82,21 +92,50 @@ def run_trl(model_dir: str, iterations: int, out: dict) -> None:
                     out.setdefault(k, []).append(logs[k])
 
     args = GRPOConfig(
-        output_dir=out["tmp"], report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=0,
+        output_dir=out["tmp"],
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=0,
         model_init_kwargs={"dtype": "float32"},
-        per_device_train_batch_size=MICRO_ROWS, gradient_accumulation_steps=PROMPTS * GROUP // MICRO_ROWS,
-        num_generations=GROUP, num_iterations=1, max_steps=iterations, shuffle_dataset=False,
-        max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS},
-        temperature=1.0, top_p=1.0, loss_type="dr_grpo", scale_rewards="none", beta=0.0,
-        learning_rate=LR, weight_decay=WD, max_grad_norm=CLIP, dataloader_num_workers=0,
+        per_device_train_batch_size=MICRO_ROWS,
+        gradient_accumulation_steps=PROMPTS * GROUP // MICRO_ROWS,
+        num_generations=GROUP,
+        num_iterations=1,
+        max_steps=iterations,
+        shuffle_dataset=False,
+        max_completion_length=NEW_TOKENS,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS},
+        temperature=1.0,
+        top_p=1.0,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        beta=0.0,
+        learning_rate=LR,
+        weight_decay=WD,
+        max_grad_norm=CLIP,
+        dataloader_num_workers=0,
     )
     out["ends"] = []
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[Clock()])
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[Clock()],
+    )
     trainer.train()
     out["optimizer_steps"] = trainer.state.global_step
-    out["new_tokens"] = [min(out.get("completions/min_length", [0])), max(out.get("completions/max_length", [0]))]
+    out["new_tokens"] = [
+        min(out.get("completions/min_length", [0])),
+        max(out.get("completions/max_length", [0])),
+    ]
 
 
 def run_ours(model_dir: str, iterations: int, out: dict, engine: str = "hf") -> None:
@@ -108,19 +147,41 @@ def run_ours(model_dir: str, iterations: int, out: dict, engine: str = "hf") -> 
     from train import train
 
     overrides = [
-        "model=tiny_random", f"model.path={model_dir}", "loss=grpo", "data.advantage.norm_by_std=false",
+        "model=tiny_random",
+        f"model.path={model_dir}",
+        "loss=grpo",
+        "data.advantage.norm_by_std=false",
         "loss.aggregation._target_=spear_lit.algos.seq_mean_token_sum_norm",
-        f"iterations={iterations}", f"max_response_len={NEW_TOKENS}", f"data.prompts_per_iteration={PROMPTS}",
-        f"data.group_size={GROUP}", f"data.mini_batch_rows={PROMPTS * GROUP}", f"data.micro_batch_rows={MICRO_ROWS}",
-        "data.ppo_epochs=1", f"learner.optimizer.lr={LR}", *ENGINES[engine],
-        f"learner.optimizer.weight_decay={WD}", f"learner.grad_clip={CLIP}", "trainer.precision=32-true",
-        f"run_dir={out['tmp']}", "~callbacks.validation", "export_hf=false", "trainer.logger=null",
+        f"iterations={iterations}",
+        f"max_response_len={NEW_TOKENS}",
+        f"data.prompts_per_iteration={PROMPTS}",
+        f"data.group_size={GROUP}",
+        f"data.mini_batch_rows={PROMPTS * GROUP}",
+        f"data.micro_batch_rows={MICRO_ROWS}",
+        "data.ppo_epochs=1",
+        f"learner.optimizer.lr={LR}",
+        *ENGINES[engine],
+        f"learner.optimizer.weight_decay={WD}",
+        f"learner.grad_clip={CLIP}",
+        "trainer.precision=32-true",
+        f"run_dir={out['tmp']}",
+        "~callbacks.validation",
+        "export_hf=false",
+        "trainer.logger=null",
     ]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    OmegaConf.update(cfg, "data.agent", {"_target_": "spear_lit.agents.ToolAgent", "max_turns": 1,
-                                         "task": {"_target_": "trl_workload.AddTask"},
-                                         "tool": {"_target_": "trl_workload.NoTool"}}, merge=False)
+    OmegaConf.update(
+        cfg,
+        "data.agent",
+        {
+            "_target_": "spear_lit.agents.ToolAgent",
+            "max_turns": 1,
+            "task": {"_target_": "trl_workload.AddTask"},
+            "tool": {"_target_": "trl_workload.NoTool"},
+        },
+        merge=False,
+    )
     with open_dict(cfg):
         cfg.callbacks.bench_clock = {"_target_": "trl_workload.StepClock"}
     _, objs = train(cfg)
@@ -128,7 +189,10 @@ def run_ours(model_dir: str, iterations: int, out: dict, engine: str = "hf") -> 
     rows, out["ends"] = cbs["IterationReport"].rows, cbs["StepClock"].ends
     out["phases"] = [{k: r.get(k, 0.0) for k in PHASES} for r in rows]
     out["optimizer_steps"] = objs["trainer"].global_step
-    out["new_tokens"] = [min(r["rollout/response_len_mean"] for r in rows), max(r["rollout/response_len_mean"] for r in rows)]
+    out["new_tokens"] = [
+        min(r["rollout/response_len_mean"] for r in rows),
+        max(r["rollout/response_len_mean"] for r in rows),
+    ]
 
 
 def run_floor(model_dir: str, iterations: int, out: dict) -> None:
@@ -146,17 +210,25 @@ def run_floor(model_dir: str, iterations: int, out: dict) -> None:
         t0 = time.perf_counter()
         model.eval()
         with torch.no_grad():
-            seq = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                 top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, pad_token_id=vocab - 1)
+            seq = model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=vocab - 1,
+            )
         t1 = time.perf_counter()
         model.train()
         adv = torch.randn(seq.shape[0], 1)
         for s in range(0, seq.shape[0], MICRO_ROWS):
-            ids = seq[s:s + MICRO_ROWS]
+            ids = seq[s : s + MICRO_ROWS]
             logits = model(input_ids=ids, use_cache=False).logits[:, 63:-1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 64:, None]).squeeze(-1)
-            loss = -(logp * adv[s:s + MICRO_ROWS]).sum() / (seq.shape[0] * NEW_TOKENS)
+            loss = -(logp * adv[s : s + MICRO_ROWS]).sum() / (seq.shape[0] * NEW_TOKENS)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -207,13 +279,35 @@ def save_model(path: Path) -> None:
 
 def spawn(kind: str, model_dir: Path, iterations: int, threads: int, tmp: Path, i: int) -> dict:
     result = tmp / f"{kind}_{i}.json"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--model", str(model_dir),
-                           "--iterations", str(iterations), "--result", str(result)],
-                          env=env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--model",
+            str(model_dir),
+            "--iterations",
+            str(iterations),
+            "--result",
+            str(result),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"the {kind} run failed (exit {proc.returncode})")
@@ -231,27 +325,46 @@ def summarize(runs: dict[str, list[dict]], iterations: int, rounds: int, threads
     """The JSON line: medians of wall and CPU seconds per iteration, ours / TRL and each / floor."""
     wall = {k: statistics.median(steady(v)) for k, v in runs.items() if v}
     cpu = {k: statistics.median(steady(v, "cpu_s")) for k, v in runs.items() if v}
-    s = {"ours_s_per_iter": wall["ours"], "trl_s_per_iter": wall["trl"], "ratio": wall["ours"] / wall["trl"],
-         "floor_s_per_iter": wall["floor"], "ours_over_floor": wall["ours"] / wall["floor"],
-         "trl_over_floor": wall["trl"] / wall["floor"], "ours_cpu_s_per_iter": cpu["ours"],
-         "trl_cpu_s_per_iter": cpu["trl"], "floor_cpu_s_per_iter": cpu["floor"], "cpu_ratio": cpu["ours"] / cpu["trl"]}
+    s = {
+        "ours_s_per_iter": wall["ours"],
+        "trl_s_per_iter": wall["trl"],
+        "ratio": wall["ours"] / wall["trl"],
+        "floor_s_per_iter": wall["floor"],
+        "ours_over_floor": wall["ours"] / wall["floor"],
+        "trl_over_floor": wall["trl"] / wall["floor"],
+        "ours_cpu_s_per_iter": cpu["ours"],
+        "trl_cpu_s_per_iter": cpu["trl"],
+        "floor_cpu_s_per_iter": cpu["floor"],
+        "cpu_ratio": cpu["ours"] / cpu["trl"],
+    }
     if "ours_vllm" in wall:
-        s.update(ours_vllm_cpu_s_per_iter=wall["ours_vllm"], ratio_vllm_cpu=wall["ours_vllm"] / wall["trl"],
-                 cpu_ratio_vllm_cpu=cpu["ours_vllm"] / cpu["trl"])
+        s.update(
+            ours_vllm_cpu_s_per_iter=wall["ours_vllm"],
+            ratio_vllm_cpu=wall["ours_vllm"] / wall["trl"],
+            cpu_ratio_vllm_cpu=cpu["ours_vllm"] / cpu["trl"],
+        )
     return {**s, "iterations": iterations, "rounds": rounds, "threads": threads}
 
 
-NAMES = {"trl": "TRL GRPOTrainer (HF generate)", "ours": "spear_lit train.py, rollout=hf",
-         "ours_vllm": "spear_lit train.py, rollout=vllm_cpu", "floor": "floor: bare generate + fwd/bwd/AdamW"}
+NAMES = {
+    "trl": "TRL GRPOTrainer (HF generate)",
+    "ours": "spear_lit train.py, rollout=hf",
+    "ours_vllm": "spear_lit train.py, rollout=vllm_cpu",
+    "floor": "floor: bare generate + fwd/bwd/AdamW",
+}
 
 
 def table(runs: dict[str, list[dict]], s: dict) -> str:
     """Markdown table (wall and CPU seconds per iteration, multiples of the floor and of TRL) and phase lines."""
+
     def cell(vals):
         return f"{statistics.median(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]"
 
-    lines = ["| run | wall s/iter, median [min-max] | CPU s/iter | wall x floor | wall vs TRL | CPU vs TRL | "
-             "start-up s | new tokens | steps/run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | wall s/iter, median [min-max] | CPU s/iter | wall x floor | wall vs TRL | CPU vs TRL | "
+        "start-up s | new tokens | steps/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     trl_cpu = statistics.median(steady(runs["trl"], "cpu_s"))
     for k in KINDS:
         rs = runs[k]
@@ -260,19 +373,27 @@ def table(runs: dict[str, list[dict]], s: dict) -> str:
         wall, cpu = steady(rs), steady(rs, "cpu_s")
         toks = sorted({round(x) for r in rs for x in r["new_tokens"]})
         steps = sorted({r.get("optimizer_steps", len(r["iteration_s"])) for r in rs})
-        lines.append(f"| {NAMES[k]} | {cell(wall)} | {cell(cpu)} | "
-                     f"{statistics.median(wall) / s['floor_s_per_iter']:.2f}x | "
-                     f"{statistics.median(wall) / s['trl_s_per_iter']:.2f}x | {statistics.median(cpu) / trl_cpu:.2f}x | "
-                     f"{statistics.median(r['startup_s'] for r in rs):.1f} | {'/'.join(map(str, toks))} | "
-                     f"{'/'.join(map(str, steps))} |")
+        lines.append(
+            f"| {NAMES[k]} | {cell(wall)} | {cell(cpu)} | "
+            f"{statistics.median(wall) / s['floor_s_per_iter']:.2f}x | "
+            f"{statistics.median(wall) / s['trl_s_per_iter']:.2f}x | {statistics.median(cpu) / trl_cpu:.2f}x | "
+            f"{statistics.median(r['startup_s'] for r in rs):.1f} | {'/'.join(map(str, toks))} | "
+            f"{'/'.join(map(str, steps))} |"
+        )
     fl = runs["floor"]
-    lines += ["", "floor parts (median wall s): generate {:.2f}, fwd/bwd/AdamW {:.2f}".format(
-        statistics.median(steady(fl, "generate_s")), statistics.median(steady(fl, "step_s")))]
+    lines += [
+        "",
+        "floor parts (median wall s): generate {:.2f}, fwd/bwd/AdamW {:.2f}".format(
+            statistics.median(steady(fl, "generate_s")), statistics.median(steady(fl, "step_s"))
+        ),
+    ]
     for k in ("ours", "ours_vllm"):
         if runs[k]:
             phases = {p: statistics.median(v for r in runs[k] for v in _col(r, p)) for p in PHASES}
-            lines.append(f"{NAMES[k]} phases (median wall s): "
-                         + ", ".join(f"{p[5:-2]} {v:.2f}" for p, v in phases.items()))
+            lines.append(
+                f"{NAMES[k]} phases (median wall s): "
+                + ", ".join(f"{p[5:-2]} {v:.2f}" for p, v in phases.items())
+            )
     return "\n".join(lines)
 
 
@@ -289,8 +410,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=6, help="iterations per run (the first is warm-up)")
     ap.add_argument("--rounds", type=int, default=2, help="TRL, ours, floor repeated this many times")
     ap.add_argument("--threads", type=int, default=1, help="OMP/torch threads of every run")
-    ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
-                    help="also run ours with rollout=vllm_cpu (default: when vLLM is installed)")
+    ap.add_argument(
+        "--vllm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run ours with rollout=vllm_cpu (default: when vLLM is installed)",
+    )
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -306,14 +431,21 @@ def main() -> None:
         for i in range(args.rounds):
             for k in kinds:
                 runs[k].append(spawn(k, tmp / "model", args.iterations, args.threads, tmp, i))
-                print(f"round {i + 1}/{args.rounds} {k}: {' '.join(f'{v:.2f}' for v in runs[k][-1]['iteration_s'])} s/iter",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {i + 1}/{args.rounds} {k}: {' '.join(f'{v:.2f}' for v in runs[k][-1]['iteration_s'])} s/iter",
+                    file=sys.stderr,
+                    flush=True,
+                )
     s = summarize(runs, args.iterations, args.rounds, args.threads)
-    print(f"\nours vs TRL, {PROMPTS}x{GROUP} completions of {NEW_TOKENS} tokens on 64-token prompts per iteration, "
-          f"{args.rounds} rounds x {args.iterations} iterations, {args.threads} thread(s) per run\n")
+    print(
+        f"\nours vs TRL, {PROMPTS}x{GROUP} completions of {NEW_TOKENS} tokens on 64-token prompts per iteration, "
+        f"{args.rounds} rounds x {args.iterations} iterations, {args.threads} thread(s) per run\n"
+    )
     print(table(runs, s))
-    print(f"\nratio ours/TRL = {s['ratio']:.2f} (goal <= 0.7); above floor: ours {s['ours_over_floor']:.2f}x, "
-          f"TRL {s['trl_over_floor']:.2f}x")
+    print(
+        f"\nratio ours/TRL = {s['ratio']:.2f} (goal <= 0.7); above floor: ours {s['ours_over_floor']:.2f}x, "
+        f"TRL {s['trl_over_floor']:.2f}x"
+    )
     print(json.dumps(s))
 
 

@@ -12,5 +12,13 @@ from callbacks.sil_warmup import SILWarmup
 from callbacks.tool_reward import ToolRewardSchedule
 from callbacks.validation import Validation
 
-__all__ = ["EntropyMonitor", "IterationCheckpoint", "IterationReport", "P50Baseline", "Preemption",
-           "SILWarmup", "ToolRewardSchedule", "Validation"]
+__all__ = [
+    "EntropyMonitor",
+    "IterationCheckpoint",
+    "IterationReport",
+    "P50Baseline",
+    "Preemption",
+    "SILWarmup",
+    "ToolRewardSchedule",
+    "Validation",
+]

@@ -9,12 +9,16 @@ from callbacks.contracts import contract
 from spear_lit.algos import BaselineHistory
 
 
-@contract(reads=("record.iteration", "record.group_means", "record.group_stds"), sets=("data.baseline",),
-          key="baseline", needed_if=lambda data, learner: getattr(data, "replay", None) is not None,
-          when="replay is on (data.replay is set)",
-          why="replay's trigger and its P50 recalibration of advantages read the baseline history this callback "
-              "keeps (SPEAR_SPEC §5); without it replay would silently run without a baseline. Keep it, or turn "
-              "replay off (data.replay=null)")
+@contract(
+    reads=("record.iteration", "record.group_means", "record.group_stds"),
+    sets=("data.baseline",),
+    key="baseline",
+    needed_if=lambda data, learner: getattr(data, "replay", None) is not None,
+    when="replay is on (data.replay is set)",
+    why="replay's trigger and its P50 recalibration of advantages read the baseline history this callback "
+    "keeps (SPEAR_SPEC §5); without it replay would silently run without a baseline. Keep it, or turn "
+    "replay off (data.replay=null)",
+)
 class P50Baseline(L.Callback):
     """Records each iteration's group means after its last step; the data module reads ``p50`` from it
     when it decides and recalibrates replay.

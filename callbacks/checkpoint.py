@@ -79,8 +79,12 @@ class ExceptionCheckpoint(Checkpoint):
             save_checkpoint(trainer, folder / f"{self.filename}.ckpt")
         if trainer.is_global_zero:
             latest = find_latest(Path(trainer.default_root_dir))
-            log.error("run interrupted (%s) at optimizer step %d; %s", type(exception).__name__,
-                      trainer.global_step, resume_hint(trainer.default_root_dir, latest))
+            log.error(
+                "run interrupted (%s) at optimizer step %d; %s",
+                type(exception).__name__,
+                trainer.global_step,
+                resume_hint(trainer.default_root_dir, latest),
+            )
 
 
 class ConfigRecord(L.Callback):

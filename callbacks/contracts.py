@@ -45,8 +45,15 @@ class Contract:
 ALGORITHM_CALLBACKS: list[type] = []  # the classes with a ``needed_if``, in definition order
 
 
-def contract(*, reads: tuple[str, ...] = (), sets: tuple[str, ...] = (), key: str | None = None,
-             needed_if: Callable | None = None, when: str = "", why: str = ""):
+def contract(
+    *,
+    reads: tuple[str, ...] = (),
+    sets: tuple[str, ...] = (),
+    key: str | None = None,
+    needed_if: Callable | None = None,
+    when: str = "",
+    why: str = "",
+):
     """Class decorator: ``cls.contract = Contract(...)``, shown at the end of the class docstring; a class
     with ``needed_if`` joins :data:`ALGORITHM_CALLBACKS`."""
 
@@ -55,7 +62,12 @@ def contract(*, reads: tuple[str, ...] = (), sets: tuple[str, ...] = (), key: st
         lines = [f"        Reads: {', '.join(reads) or '-'}.", f"        Sets: {', '.join(sets) or '-'}."]
         if needed_if is not None:
             lines.append(f"        Required (``callbacks.{key}``) when {when}: {why}.")
-        cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Contract (callbacks/contracts.py):\n" + "\n".join(lines) + "\n"
+        cls.__doc__ = (
+            (cls.__doc__ or "").rstrip()
+            + "\n\n    Contract (callbacks/contracts.py):\n"
+            + "\n".join(lines)
+            + "\n"
+        )
         if needed_if is not None:
             ALGORITHM_CALLBACKS.append(cls)
         return cls

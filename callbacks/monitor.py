@@ -34,8 +34,12 @@ class EntropyMonitor(L.Callback):
         record["metrics"]["policy/entropy_vs_start"] = value / self.first if self.first else 1.0
         if not self.warned and self.first and value < self.collapse_ratio * self.first:
             self.warned = True
-            log.warning("policy entropy collapsed: %.4f at iteration %d (started at %.4f)", value,
-                        record["iteration"], self.first)
+            log.warning(
+                "policy entropy collapsed: %.4f at iteration %d (started at %.4f)",
+                value,
+                record["iteration"],
+                self.first,
+            )
 
     def state_dict(self) -> dict:
         return {"first": self.first, "warned": self.warned}

@@ -63,7 +63,9 @@ class Preemption(L.Callback):
         # the environment Lightning's signal connector reads when it registers its handlers (after setup);
         # single-device runs have it only there, not on the strategy
         connector = getattr(trainer, "_accelerator_connector", None)
-        env = getattr(connector, "cluster_environment", None) or getattr(trainer.strategy, "cluster_environment", None)
+        env = getattr(connector, "cluster_environment", None) or getattr(
+            trainer.strategy, "cluster_environment", None
+        )
         if isinstance(env, SLURMEnvironment):
             env.auto_requeue = False
         self._install()  # early: a warning during model loading or engine start-up is not lost
@@ -78,8 +80,9 @@ class Preemption(L.Callback):
             connector.received_sigterm = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        usr1, term = (bool(v) for v in all_reduce([self.received[signal.SIGUSR1],
-                                                   self.received[signal.SIGTERM]], "max"))
+        usr1, term = (
+            bool(v) for v in all_reduce([self.received[signal.SIGUSR1], self.received[signal.SIGTERM]], "max")
+        )
         if not (usr1 or term):
             return
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
@@ -94,18 +97,38 @@ class Preemption(L.Callback):
         if usr1 and self.requeue and job:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if result.returncode == 0:
-                log.warning("%s: saved %s at step %d; requeued SLURM job %s, it resumes from there",
-                            what, self.checkpoint, trainer.global_step, job)
+                log.warning(
+                    "%s: saved %s at step %d; requeued SLURM job %s, it resumes from there",
+                    what,
+                    self.checkpoint,
+                    trainer.global_step,
+                    job,
+                )
             else:
-                log.error("%s: saved %s; `scontrol requeue %s` failed: %s", what, self.checkpoint, job,
-                          result.stderr.strip())
+                log.error(
+                    "%s: saved %s; `scontrol requeue %s` failed: %s",
+                    what,
+                    self.checkpoint,
+                    job,
+                    result.stderr.strip(),
+                )
         elif job:
-            log.warning("%s: saved %s at step %d and stopped; a requeued job resumes from it (ckpt_path=auto)",
-                        what, self.checkpoint, trainer.global_step)
+            log.warning(
+                "%s: saved %s at step %d and stopped; a requeued job resumes from it (ckpt_path=auto)",
+                what,
+                self.checkpoint,
+                trainer.global_step,
+            )
         else:
-            log.warning("%s: saved %s at step %d and stopped. Resume with `python train.py <same overrides> "
-                        "ckpt_path=%s` (or `ckpt_path=auto run_dir=%s`)", what, self.checkpoint,
-                        trainer.global_step, self.checkpoint, trainer.default_root_dir)
+            log.warning(
+                "%s: saved %s at step %d and stopped. Resume with `python train.py <same overrides> "
+                "ckpt_path=%s` (or `ckpt_path=auto run_dir=%s`)",
+                what,
+                self.checkpoint,
+                trainer.global_step,
+                self.checkpoint,
+                trainer.default_root_dir,
+            )
 
 
 def _slurm_batch_job() -> str | None:

@@ -17,23 +17,69 @@ from spear_lit.training.loggers import log_image
 
 # SPEAR_SPEC §10: the metric vocabulary; these columns always exist in metrics.csv (empty when unmeasured).
 SPEC_METRICS = [
-    "train/loss", "policy/entropy", "policy/entropy_agg", "policy/approx_kl", "policy/clipfrac",
-    "policy/clipfrac_lower", "policy/clipcov_frac", "policy/grad_norm", "train/loss_replay",
-    "policy/entropy_replay", "policy/approx_kl_replay", "policy/clipfrac_replay", "policy/clipcov_frac_replay",
-    "policy/grad_norm_replay", "rollout/reward_mean", "rollout/success_rate", "rollout/toolcall_bonus_mean",
-    "rollout/tool_calls_mean", "rollout/response_len_mean", "rollout/turns_mean", "filter/overlong",
-    "filter/incomplete", "filter/repetitive", "filter/unreadable", "filter/groups_dropped", "sched/sil_coef",
-    "sched/tool_reward_weight", "buffer/size", "buffer/above_p50", "buffer/replayed", "baseline/p50",
-    "perf/rollout_tokens_per_s", "perf/train_tokens_per_s", "perf/iteration_s",
+    "train/loss",
+    "policy/entropy",
+    "policy/entropy_agg",
+    "policy/approx_kl",
+    "policy/clipfrac",
+    "policy/clipfrac_lower",
+    "policy/clipcov_frac",
+    "policy/grad_norm",
+    "train/loss_replay",
+    "policy/entropy_replay",
+    "policy/approx_kl_replay",
+    "policy/clipfrac_replay",
+    "policy/clipcov_frac_replay",
+    "policy/grad_norm_replay",
+    "rollout/reward_mean",
+    "rollout/success_rate",
+    "rollout/toolcall_bonus_mean",
+    "rollout/tool_calls_mean",
+    "rollout/response_len_mean",
+    "rollout/turns_mean",
+    "filter/overlong",
+    "filter/incomplete",
+    "filter/repetitive",
+    "filter/unreadable",
+    "filter/groups_dropped",
+    "sched/sil_coef",
+    "sched/tool_reward_weight",
+    "buffer/size",
+    "buffer/above_p50",
+    "buffer/replayed",
+    "baseline/p50",
+    "perf/rollout_tokens_per_s",
+    "perf/train_tokens_per_s",
+    "perf/iteration_s",
 ]
 # the per-phase breakdown of perf/iteration_s (seconds of rank 0, rollout: of the slowest rank)
-PHASES = ["perf/generation_s", "perf/tool_s", "perf/score_s", "perf/old_logp_s", "perf/update_s",
-          "perf/replay_update_s", "perf/validation_s"]
-PLOTTED = ["rollout/reward_mean", "rollout/success_rate", "policy/entropy", "sched/sil_coef", "sched/tool_reward_weight"]
+PHASES = [
+    "perf/generation_s",
+    "perf/tool_s",
+    "perf/score_s",
+    "perf/old_logp_s",
+    "perf/update_s",
+    "perf/replay_update_s",
+    "perf/validation_s",
+]
+PLOTTED = [
+    "rollout/reward_mean",
+    "rollout/success_rate",
+    "policy/entropy",
+    "sched/sil_coef",
+    "sched/tool_reward_weight",
+]
 
 
-@contract(reads=("record.metrics.*", "learner.iteration_metrics", "learner.sil_coef", "data.validation_s",
-                 "learner.initial_validation"))
+@contract(
+    reads=(
+        "record.metrics.*",
+        "learner.iteration_metrics",
+        "learner.sil_coef",
+        "data.validation_s",
+        "learner.initial_validation",
+    )
+)
 class IterationReport(L.Callback):
     """One row per RL iteration: merged rollout, train, schedule and timing metrics.
 
@@ -59,7 +105,9 @@ class IterationReport(L.Callback):
         dm = rollout_data(trainer)
         self._t0 = self._last = time.perf_counter()
         if trainer.is_global_zero:
-            self.bar = tqdm(total=dm.iterations, initial=dm.iteration, desc="RL iterations", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=dm.iterations, initial=dm.iteration, desc="RL iterations", dynamic_ncols=True
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)
@@ -86,12 +134,16 @@ class IterationReport(L.Callback):
         if trainer.is_global_zero:
             self._write_csv(trainer)
             if trainer.logger is not None:
-                trainer.logger.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
+                trainer.logger.log_metrics(
+                    {k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"]
+                )
             if self.bar is not None:
                 self.bar.update(1)
-                self.bar.set_postfix(reward=f"{row['rollout/reward_mean']:.3f}",
-                                     success=f"{row['rollout/success_rate']:.2f}",
-                                     entropy=f"{row.get('policy/entropy', float('nan')):.3f}")
+                self.bar.set_postfix(
+                    reward=f"{row['rollout/reward_mean']:.3f}",
+                    success=f"{row['rollout/success_rate']:.2f}",
+                    entropy=f"{row.get('policy/entropy', float('nan')):.3f}",
+                )
 
     def state_dict(self) -> dict:
         return {"rows": self.rows}
@@ -100,7 +152,9 @@ class IterationReport(L.Callback):
         self.rows = list(state_dict["rows"])  # a resumed run's metrics.csv continues the same table
 
     def _write_csv(self, trainer) -> None:
-        extra = sorted({k for r in self.rows for k in r} - set(SPEC_METRICS) - {"iteration", "optimizer_steps"})
+        extra = sorted(
+            {k for r in self.rows for k in r} - set(SPEC_METRICS) - {"iteration", "optimizer_steps"}
+        )
         cols = ["iteration", "optimizer_steps", *SPEC_METRICS, *extra]
         path = self._dir(trainer) / "metrics.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +210,10 @@ class IterationReport(L.Callback):
             f"  reward         {mean(first, 'rollout/reward_mean'):.3f} -> {mean(last, 'rollout/reward_mean'):.3f}",
             f"  tool calls/ep  {mean(first, 'rollout/tool_calls_mean'):.2f} -> {mean(last, 'rollout/tool_calls_mean'):.2f}",
             f"  replays fired  {sum(1 for r in self.rows if r.get('buffer/replayed', 0) > 0)}",
-            *[f"  {k:<28} {initial_validation.get(k, math.nan):.3f} -> {self.rows[-1].get(k, math.nan):.3f}"
-              for k in val_keys],
+            *[
+                f"  {k:<28} {initial_validation.get(k, math.nan):.3f} -> {self.rows[-1].get(k, math.nan):.3f}"
+                for k in val_keys
+            ],
             f"  wall time      {self.rows[-1]['perf/elapsed_s']:.0f} s "
             f"({mean(self.rows, 'perf/iteration_s'):.2f} s/iteration)",
             "=" * 64,

@@ -10,11 +10,15 @@ from callbacks.contracts import contract
 from spear_lit.algos import cosine_warmup
 
 
-@contract(reads=("data.upcoming_iteration",), sets=("learner.sil_coef",), key="sil_warmup",
-          needed_if=lambda data, learner: getattr(data, "replay", None) is not None,
-          when="replay is on (data.replay is set)",
-          why="c(t) scales the replay losses (SPEAR_SPEC §4); without it they get the full weight c = 1 from the "
-              "first iteration. Keep it, or turn replay off (data.replay=null)")
+@contract(
+    reads=("data.upcoming_iteration",),
+    sets=("learner.sil_coef",),
+    key="sil_warmup",
+    needed_if=lambda data, learner: getattr(data, "replay", None) is not None,
+    when="replay is on (data.replay is set)",
+    why="c(t) scales the replay losses (SPEAR_SPEC §4); without it they get the full weight c = 1 from the "
+    "first iteration. Keep it, or turn replay off (data.replay=null)",
+)
 class SILWarmup(L.Callback):
     """Self-imitation coefficient ``c(t) = C·(1 - cos(π t/T))/2`` (``C`` after ``T``), applied to replay losses.
 

@@ -12,11 +12,15 @@ from callbacks._iteration import rollout_data
 from callbacks.contracts import contract
 
 
-@contract(reads=("data.upcoming_iteration",), sets=("data.tool_reward_weight",), key="tool_reward",
-          needed_if=lambda data, learner: getattr(data, "toolcall_bonus", None) is not None,
-          when="a tool-call bonus is configured (data.toolcall_bonus is set)",
-          why="the bonus is scaled by λ(t) (SPEAR_SPEC §7), which stays 0 without the schedule, so the bonus "
-              "would be silently off. Keep it, or remove the bonus (data.toolcall_bonus=null)")
+@contract(
+    reads=("data.upcoming_iteration",),
+    sets=("data.tool_reward_weight",),
+    key="tool_reward",
+    needed_if=lambda data, learner: getattr(data, "toolcall_bonus", None) is not None,
+    when="a tool-call bonus is configured (data.toolcall_bonus is set)",
+    why="the bonus is scaled by λ(t) (SPEAR_SPEC §7), which stays 0 without the schedule, so the bonus "
+    "would be silently off. Keep it, or remove the bonus (data.toolcall_bonus=null)",
+)
 class ToolRewardSchedule(L.Callback):
     """Tool-call reward weight ``λ(t) = schedule(t)``.
 
@@ -28,9 +32,11 @@ class ToolRewardSchedule(L.Callback):
 
     def __init__(self, schedule: Callable[[int], float] | None = None):
         if schedule is not None and not callable(schedule):
-            raise ValueError(f"callbacks.tool_reward.schedule={schedule!r}: must be a function of the RL iteration "
-                             "(e.g. {_target_: spear_lit.algos.cosine_decay, _partial_: true, total_steps: 200}) "
-                             "or null (no tool reward)")
+            raise ValueError(
+                f"callbacks.tool_reward.schedule={schedule!r}: must be a function of the RL iteration "
+                "(e.g. {_target_: spear_lit.algos.cosine_decay, _partial_: true, total_steps: 200}) "
+                "or null (no tool reward)"
+            )
         self.schedule = schedule
 
     def value(self, t: int) -> float:

@@ -30,17 +30,28 @@ class Validation(L.Callback):
         at_start: also evaluate the initial policy before the first iteration's update (iteration 0).
     """
 
-    def __init__(self, every_n_iterations: int = 10, *, greedy: bool = True, sampled: bool = True,
-                 primary: str | None = None, at_start: bool = True):
+    def __init__(
+        self,
+        every_n_iterations: int = 10,
+        *,
+        greedy: bool = True,
+        sampled: bool = True,
+        primary: str | None = None,
+        at_start: bool = True,
+    ):
         if every_n_iterations < 0:
             raise ValueError(f"callbacks.validation.every_n_iterations={every_n_iterations}: must be >= 0")
         if not (greedy or sampled):
-            raise ValueError("callbacks.validation: greedy and sampled are both false; enable one "
-                             "(or remove the callback: ~callbacks.validation)")
+            raise ValueError(
+                "callbacks.validation: greedy and sampled are both false; enable one "
+                "(or remove the callback: ~callbacks.validation)"
+            )
         primary = primary if primary is not None else ("greedy" if greedy else "sampled")
         if primary not in ("greedy", "sampled") or not {"greedy": greedy, "sampled": sampled}[primary]:
-            raise ValueError(f"callbacks.validation.primary={primary!r}: must be 'greedy' or 'sampled' and "
-                             f"that decoding must be enabled (greedy={greedy}, sampled={sampled})")
+            raise ValueError(
+                f"callbacks.validation.primary={primary!r}: must be 'greedy' or 'sampled' and "
+                f"that decoding must be enabled (greedy={greedy}, sampled={sampled})"
+            )
         self.every, self.greedy, self.sampled, self.at_start = every_n_iterations, greedy, sampled, at_start
         self.primary = primary
         self.results: list[dict] = []

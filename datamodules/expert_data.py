@@ -21,7 +21,9 @@ def encode_episode(tokenizer, prompt: str, turns: list[dict], system: str | None
     i = 0
     while i < len(turns):
         if turns[i]["role"] == "assistant":
-            ids = tokenizer(turns[i]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = tokenizer(turns[i]["content"], add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
             resp += ids
             mask += [1] * len(ids)
             i += 1
@@ -54,11 +56,15 @@ class ExpertTraceDataModule(L.LightningDataModule):
         seed: seeds problem/task draws and expert choices.
     """
 
-    def __init__(self, task=None, *, agent=None, num_examples: int = 20000, batch_size: int = 32, seed: int = 0):
+    def __init__(
+        self, task=None, *, agent=None, num_examples: int = 20000, batch_size: int = 32, seed: int = 0
+    ):
         super().__init__()
         if (task is None) == (agent is None):
-            raise ValueError("data: give exactly one of `task` (math expert traces) and `agent` (environment "
-                             "expert episodes); set the other to null")
+            raise ValueError(
+                "data: give exactly one of `task` (math expert traces) and `agent` (environment "
+                "expert episodes); set the other to null"
+            )
         self.task, self.agent = task, agent
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.rows: list[dict] | None = None
@@ -78,7 +84,10 @@ class ExpertTraceDataModule(L.LightningDataModule):
         rng = random.Random(self.seed)
         system = getattr(self.task, "system_prompt", None)
         problems = self.task.train_problems(self.num_examples, rng)
-        return [encode_episode(self.tokenizer, p.prompt, self.task.expert_episode(p, rng), system) for p in problems]
+        return [
+            encode_episode(self.tokenizer, p.prompt, self.task.expert_episode(p, rng), system)
+            for p in problems
+        ]
 
     def _agent_rows(self) -> list[dict]:
         try:
@@ -91,5 +100,11 @@ class ExpertTraceDataModule(L.LightningDataModule):
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed)
         pad = self.tokenizer.pad_token_id
-        return DataLoader(self.rows, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True,
-                          collate_fn=lambda rows: TokenBatch.from_rows(rows, pad))
+        return DataLoader(
+            self.rows,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=g,
+            drop_last=True,
+            collate_fn=lambda rows: TokenBatch.from_rows(rows, pad),
+        )

@@ -48,21 +48,34 @@ class ShardedReplay:
         keys = list(range(self.next_key, self.next_key + len(batch)))
         self.next_key += len(batch)
         valid = batch.response_mask.sum(1) > 0
-        mine = (batch.rewards.tolist(), batch.advantages.tolist(), valid.tolist(), batch.num_tool_calls.tolist(), keys)
+        mine = (
+            batch.rewards.tolist(),
+            batch.advantages.tolist(),
+            valid.tolist(),
+            batch.num_tool_calls.tolist(),
+            keys,
+        )
         parts = all_gather_objects(mine)  # rank order = global row order
 
         def cat(i: int, dtype) -> torch.Tensor:
             return torch.tensor([v for p in parts for v in p[i]], dtype=dtype)
 
         refs = [(r, k) for r, p in enumerate(parts) for k in p[4]]
-        self.buffer.add(t, cat(0, torch.float), cat(1, torch.float), refs, valid=cat(2, torch.bool),
-                        num_tool_calls=cat(3, torch.long))
+        self.buffer.add(
+            t,
+            cat(0, torch.float),
+            cat(1, torch.float),
+            refs,
+            valid=cat(2, torch.bool),
+            num_tool_calls=cat(3, torch.long),
+        )
         stored = self._my_keys()
         self.rows = {k: v for k, v in self.rows.items() if k in stored}
         self.rows.update({k: batch.row(i) for i, k in enumerate(keys) if k in stored})
 
-    def sample(self, p50: float | None, p50_std: float | None, generator: torch.Generator
-               ) -> tuple[list[dict], torch.Tensor, list[int], int]:
+    def sample(
+        self, p50: float | None, p50_std: float | None, generator: torch.Generator
+    ) -> tuple[list[dict], torch.Tensor, list[int], int]:
         """Recalibrate and draw ``K`` rows over all ranks, then empty the buffer (SPEAR_SPEC §5.4–5.5).
 
         ``generator`` must be seeded identically on every rank. Returns this rank's drawn rows, their

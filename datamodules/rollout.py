@@ -75,18 +75,42 @@ class RolloutDataModule(L.LightningDataModule):
             every tool call failed in the sandbox itself (``tool/error_rate`` 1); 0 = never stop.
     """
 
-    def __init__(self, agent, engine, *, advantage: Callable,
-                 toolcall_bonus: Callable | None = None, iterations: int = 100, prompts_per_iteration: int = 8,
-                 group_size: int = 8, mini_batch_rows: int = 64, micro_batch_rows: int = 16, ppo_epochs: int = 1,
-                 max_response_len: int = 512, temperature: float = 1.0, top_p: float = 1.0,
-                 filters: dict[str, Callable] | None = None, group_keep_ratio: float = 1.0, replay=None,
-                 seed: int = 0, val_temperature: float = 1.0, val_top_p: float = 1.0,
-                 val_max_problems: int | None = None, val_group_size: int = 1, tool_failure_patience: int = 3):
+    def __init__(
+        self,
+        agent,
+        engine,
+        *,
+        advantage: Callable,
+        toolcall_bonus: Callable | None = None,
+        iterations: int = 100,
+        prompts_per_iteration: int = 8,
+        group_size: int = 8,
+        mini_batch_rows: int = 64,
+        micro_batch_rows: int = 16,
+        ppo_epochs: int = 1,
+        max_response_len: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        filters: dict[str, Callable] | None = None,
+        group_keep_ratio: float = 1.0,
+        replay=None,
+        seed: int = 0,
+        val_temperature: float = 1.0,
+        val_top_p: float = 1.0,
+        val_max_problems: int | None = None,
+        val_group_size: int = 1,
+        tool_failure_patience: int = 3,
+    ):
         super().__init__()
-        for name, v in dict(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
-                            group_size=group_size, mini_batch_rows=mini_batch_rows,
-                            micro_batch_rows=micro_batch_rows, max_response_len=max_response_len,
-                            val_group_size=val_group_size).items():
+        for name, v in dict(
+            iterations=iterations,
+            prompts_per_iteration=prompts_per_iteration,
+            group_size=group_size,
+            mini_batch_rows=mini_batch_rows,
+            micro_batch_rows=micro_batch_rows,
+            max_response_len=max_response_len,
+            val_group_size=val_group_size,
+        ).items():
             if int(v) < 1:
                 raise ValueError(f"data.{name}={v}: must be a positive integer")
         if not 0 < group_keep_ratio <= 1:
@@ -94,17 +118,30 @@ class RolloutDataModule(L.LightningDataModule):
         self.agent, self.engine = agent, engine
         self.advantage, self.toolcall_bonus = advantage, toolcall_bonus
         self.iterations, self.B, self.n = iterations, prompts_per_iteration, group_size
-        self.mini_batch_rows, self.micro_batch_rows, self.ppo_epochs = mini_batch_rows, micro_batch_rows, ppo_epochs
+        self.mini_batch_rows, self.micro_batch_rows, self.ppo_epochs = (
+            mini_batch_rows,
+            micro_batch_rows,
+            ppo_epochs,
+        )
         self.L = max_response_len
         self.temperature, self.top_p = temperature, top_p
         self.filters = check_filters(filters or {}, max_response_len)
         self.group_keep_ratio, self.seed = group_keep_ratio, seed
         self.replay = ShardedReplay(replay) if replay is not None else None
-        self.val_temperature, self.val_top_p, self.val_max_problems = val_temperature, val_top_p, val_max_problems
+        self.val_temperature, self.val_top_p, self.val_max_problems = (
+            val_temperature,
+            val_top_p,
+            val_max_problems,
+        )
         self.val_group_size = val_group_size
         if tool_failure_patience < 0:
-            raise ValueError(f"data.tool_failure_patience={tool_failure_patience}: must be >= 0 (0 = never stop)")
-        self.tool_failure_patience, self.tool_failures = tool_failure_patience, 0  # consecutive all-failed iterations
+            raise ValueError(
+                f"data.tool_failure_patience={tool_failure_patience}: must be >= 0 (0 = never stop)"
+            )
+        self.tool_failure_patience, self.tool_failures = (
+            tool_failure_patience,
+            0,
+        )  # consecutive all-failed iterations
         self._val_s = 0.0
         self.learner = None
         self.tokenizer = None
@@ -122,8 +159,10 @@ class RolloutDataModule(L.LightningDataModule):
         if reply is not None:  # an L that cannot hold one useful reply trains on reward -1 only
             need = len(self.tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1  # + EOS
             if self.L < need:
-                raise ValueError(f"max_response_len={self.L} cannot hold the shortest useful reply {reply!r} "
-                                 f"({need} tokens with EOS): learning is impossible; set max_response_len >= {need}")
+                raise ValueError(
+                    f"max_response_len={self.L} cannot hold the shortest useful reply {reply!r} "
+                    f"({need} tokens with EOS): learning is impossible; set max_response_len >= {need}"
+                )
 
     @property
     def upcoming_iteration(self) -> int:
@@ -162,14 +201,22 @@ class RolloutDataModule(L.LightningDataModule):
         samples, gen_s = self._rollout(t, rank, ws)
         agent_stats = self.agent.pop_stats() if hasattr(self.agent, "pop_stats") else {}
         score_start = time.perf_counter()
-        rows = score_rows(samples, t, prompts_per_iteration=self.B, max_response_len=self.L, filters=self.filters,
-                          toolcall_bonus=self.toolcall_bonus, tool_reward_weight=self.tool_reward_weight)
+        rows = score_rows(
+            samples,
+            t,
+            prompts_per_iteration=self.B,
+            max_response_len=self.L,
+            filters=self.filters,
+            toolcall_bonus=self.toolcall_bonus,
+            tool_reward_weight=self.tool_reward_weight,
+        )
         keep, dropped = self._group_filter(rows)
         kept = keep.nonzero().flatten().tolist()
         batch = TokenBatch.from_rows([rows.dicts[i] for i in kept], self.tokenizer.pad_token_id)
         if len(batch):
-            batch.advantages = self.advantage(batch.rewards, batch.group_ids, rows.step_returns[kept],
-                                              rows.anchor_ids[kept]).float()
+            batch.advantages = self.advantage(
+                batch.rewards, batch.group_ids, rows.step_returns[kept], rows.anchor_ids[kept]
+            ).float()
         score_s = time.perf_counter() - score_start
         stats = self._rollout_stats(samples, rows, gen_s, agent_stats)
         stats["filter/groups_dropped"] = float(dropped)
@@ -178,7 +225,9 @@ class RolloutDataModule(L.LightningDataModule):
         rows_all_ranks = sum(all_gather_objects(len(batch)))
         in_step = self.replay is None and self.ppo_epochs == 1 and rows_all_ranks <= self.mini_batch_rows
         if not in_step:  # else the only step's own forward gives them (MiniBatch.old_logp_in_step)
-            stats["policy/entropy"] = self._fill_old_logp(batch)  # pre-update (the updates': policy/entropy_update)
+            stats["policy/entropy"] = self._fill_old_logp(
+                batch
+            )  # pre-update (the updates': policy/entropy_update)
         stats["perf/old_logp_s"] = time.perf_counter() - logp_start
         steps = self._on_policy_steps(batch, t)
         for s in steps:
@@ -192,8 +241,10 @@ class RolloutDataModule(L.LightningDataModule):
         stats["perf/build_s"] = time.perf_counter() - start
         all_steps = steps + replay_steps
         all_steps[-1].iteration_record = {
-            "iteration": t, "metrics": stats,
-            "group_means": [m for g in gathered for m in g[0]], "group_stds": [s for g in gathered for s in g[1]],
+            "iteration": t,
+            "metrics": stats,
+            "group_means": [m for g in gathered for m in g[0]],
+            "group_stds": [s for g in gathered for s in g[1]],
         }
         for i, s in enumerate(all_steps):
             s.step_in_iteration, s.steps_in_iteration = i, len(all_steps)
@@ -215,9 +266,18 @@ class RolloutDataModule(L.LightningDataModule):
             torch.manual_seed(_seed(self.seed, t, rank, "train"))
             # the iteration's B prompts are drawn once from (seed, t) and sharded: no repeats across ranks
             samples = self.agent.collect(
-                self.engine, self.tokenizer, t=t, seed=_seed(self.seed, t, "problems"), num_groups=self.B,
-                group_size=self.n, shard=(rank, ws), max_response_len=self.L,
-                temperature=self.temperature, top_p=self.top_p, sync=sync)
+                self.engine,
+                self.tokenizer,
+                t=t,
+                seed=_seed(self.seed, t, "problems"),
+                num_groups=self.B,
+                group_size=self.n,
+                shard=(rank, ws),
+                max_response_len=self.L,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                sync=sync,
+            )
         self.engine.release()  # e.g. vLLM sleeps so the learner's forward/backward get the GPU memory
         return samples, time.perf_counter() - start
 
@@ -236,15 +296,21 @@ class RolloutDataModule(L.LightningDataModule):
         keep = torch.tensor([g in kept for g in rows.group_ids.tolist()], dtype=torch.bool)
         return keep, len(set(gids.tolist()) - kept)
 
-    def _rollout_stats(self, samples: list[Sample], rows: ScoredRows, gen_s: float, agent_stats: dict) -> dict[str, float]:
+    def _rollout_stats(
+        self, samples: list[Sample], rows: ScoredRows, gen_s: float, agent_stats: dict
+    ) -> dict[str, float]:
         """``rollout/*``, ``filter/*``, ``tool/*`` and rollout timing over all ranks (two all-reduces).
 
         Episode-level metrics count each trajectory once (its first row); lengths are per row. The rollout
         time splits into the slowest rank's time inside the tool and the rest (generation)."""
         first = _first_rows_of_episodes(rows.episode_keys.tolist())
-        ep = {"rollout/reward_mean": rows.traj_rewards[first], "rollout/success_rate": rows.correct[first],
-              "rollout/toolcall_bonus_mean": rows.bonus[first], "rollout/tool_calls_mean": rows.calls[first],
-              "rollout/turns_mean": torch.tensor([float(samples[i].turns) for i in first])}
+        ep = {
+            "rollout/reward_mean": rows.traj_rewards[first],
+            "rollout/success_rate": rows.correct[first],
+            "rollout/toolcall_bonus_mean": rows.bonus[first],
+            "rollout/tool_calls_mean": rows.calls[first],
+            "rollout/turns_mean": torch.tensor([float(samples[i].turns) for i in first]),
+        }
         flags = {f"filter/{k}": v for k, v in rows.flags.items()}
         sums = [float(v.float().sum()) for v in (*ep.values(), *flags.values())]
         gen_tokens = float(sum(sum(s.response_mask) for s in samples))
@@ -253,13 +319,17 @@ class RolloutDataModule(L.LightningDataModule):
         total = all_reduce(local, "sum").tolist()
         calls, errors, n_ep, len_sum, n_rows, tokens = total[-6:]
         out = {k: v / max(n_ep, 1) for k, v in zip(ep, total)}
-        out.update(zip(flags, total[len(ep):len(ep) + len(flags)]))
+        out.update(zip(flags, total[len(ep) : len(ep) + len(flags)]))
         out["rollout/response_len_mean"] = len_sum / max(n_rows, 1)
         out["sched/tool_reward_weight"] = self.tool_reward_weight
         if "calls" in agent_stats:
             out["tool/calls"], out["tool/error_rate"] = calls, errors / calls if calls else 0.0
         slowest, tool_s = all_reduce([gen_s, agent_stats.get("tool_s", 0.0)], "max").tolist()
-        out["perf/rollout_s"], out["perf/tool_s"], out["perf/generation_s"] = slowest, tool_s, slowest - tool_s
+        out["perf/rollout_s"], out["perf/tool_s"], out["perf/generation_s"] = (
+            slowest,
+            tool_s,
+            slowest - tool_s,
+        )
         out["perf/rollout_tokens_per_s"] = tokens / max(slowest, 1e-9)
         return out
 
@@ -268,21 +338,29 @@ class RolloutDataModule(L.LightningDataModule):
         after ``tool_failure_patience`` consecutive iterations in which every call failed."""
         rate = stats.get("tool/error_rate", 0.0)
         if rate > 0 and world()[0] == 0:
-            log.warning("iteration %d: %.0f%% of %d tool calls failed in the sandbox itself (tool/error_rate)",
-                        t, 100 * rate, stats["tool/calls"])
+            log.warning(
+                "iteration %d: %.0f%% of %d tool calls failed in the sandbox itself (tool/error_rate)",
+                t,
+                100 * rate,
+                stats["tool/calls"],
+            )
         self.tool_failures = self.tool_failures + 1 if rate >= 1.0 else 0
         if self.tool_failure_patience and self.tool_failures >= self.tool_failure_patience:
-            raise RuntimeError(f"the tool failed on every call for {self.tool_failures} consecutive iterations "
-                               f"(last: {t}): training on error observations only would teach nothing. Check the "
-                               "sandbox (bubblewrap installed? the log above has its errors), or raise "
-                               "data.tool_failure_patience (0 = never stop)")
+            raise RuntimeError(
+                f"the tool failed on every call for {self.tool_failures} consecutive iterations "
+                f"(last: {t}): training on error observations only would teach nothing. Check the "
+                "sandbox (bubblewrap installed? the log above has its errors), or raise "
+                "data.tool_failure_patience (0 = never stop)"
+            )
 
     # ------------------------------------------------------------------ batching
     def _on_policy_steps(self, batch: TokenBatch, t: int) -> list[MiniBatch]:
         """``ppo_epochs`` passes of mini-batches (old log-probs filled); identical step counts on all ranks."""
         counts = all_gather_objects(len(batch))
-        offset = sum(counts[:world()[0]])
-        steps = self._mini_batches(batch, list(range(offset, offset + len(batch))), sum(counts), "on_policy", t)
+        offset = sum(counts[: world()[0]])
+        steps = self._mini_batches(
+            batch, list(range(offset, offset + len(batch))), sum(counts), "on_policy", t
+        )
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
 
@@ -297,23 +375,31 @@ class RolloutDataModule(L.LightningDataModule):
         for part, old, ent in zip(parts, self.learner.old_logprobs(parts, entropies), entropies):
             if getattr(part, "dummy", False):
                 continue
-            batch.old_logp[offset:offset + len(part)] = old
+            batch.old_logp[offset : offset + len(part)] = old
             offset += len(part)
             ent_sum += float((ent * part.response_mask).sum())
             tokens += float(part.response_mask.sum())
         ent_sum, tokens = all_reduce([ent_sum, tokens], "sum").tolist()
         return ent_sum / tokens if tokens else float("nan")
 
-    def _mini_batches(self, batch: TokenBatch, positions: list[int], total: int, kind: str, t: int
-                      ) -> list[MiniBatch]:
+    def _mini_batches(
+        self, batch: TokenBatch, positions: list[int], total: int, kind: str, t: int
+    ) -> list[MiniBatch]:
         """One optimizer step per ``mini_batch_rows`` rows of the global row order: step ``j`` holds global
         rows ``[j·M, (j+1)·M)``; ``positions`` are this rank's rows' global indices (ascending), ``total``
         the rows over all ranks. Every rank gets the same number of steps."""
         size = self.mini_batch_rows
         pos = torch.tensor(positions, dtype=torch.long)
-        return [self._minibatch(self._micro_split(batch.select(((pos >= j * size) & (pos < (j + 1) * size))
-                                                               .nonzero().flatten())), kind, t)
-                for j in range(math.ceil(total / size))]
+        return [
+            self._minibatch(
+                self._micro_split(
+                    batch.select(((pos >= j * size) & (pos < (j + 1) * size)).nonzero().flatten())
+                ),
+                kind,
+                t,
+            )
+            for j in range(math.ceil(total / size))
+        ]
 
     def _micro_split(self, chunk: TokenBatch) -> list[TokenBatch]:
         """Split into micro-batches; every rank returns the same count (padding with empty ones)."""
@@ -365,10 +451,18 @@ class RolloutDataModule(L.LightningDataModule):
         sync = self._sampling()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(self.seed, t, rank, "val"))
-            wins, n = self.agent.evaluate(self.engine, self.tokenizer, shard=(rank, ws), limit=self.val_max_problems,
-                                          max_response_len=self.L, temperature=self.val_temperature,
-                                          top_p=self.val_top_p, greedy=greedy, sync=sync,
-                                          samples=1 if greedy else self.val_group_size)
+            wins, n = self.agent.evaluate(
+                self.engine,
+                self.tokenizer,
+                shard=(rank, ws),
+                limit=self.val_max_problems,
+                max_response_len=self.L,
+                temperature=self.val_temperature,
+                top_p=self.val_top_p,
+                greedy=greedy,
+                sync=sync,
+                samples=1 if greedy else self.val_group_size,
+            )
         self.engine.release()
         c, n = all_reduce([wins, n], "sum").tolist()
         self._val_s += time.perf_counter() - start
@@ -389,15 +483,23 @@ class RolloutDataModule(L.LightningDataModule):
         """Iteration counter, pending mini-batches and every rank's replay rows (gathered: Lightning writes
         only rank 0's data-module state, so rank-local state must travel inside it). A completed step is
         not pending; the last step of an iteration stays until its record has been consumed."""
-        mine = {"queue": [m for m in self.queue if m.pending],
-                "replay": self.replay.state_dict() if self.replay is not None else None}
-        return {"iteration": self.iteration, "tool_failures": self.tool_failures, "ranks": all_gather_objects(mine)}
+        mine = {
+            "queue": [m for m in self.queue if m.pending],
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+        }
+        return {
+            "iteration": self.iteration,
+            "tool_failures": self.tool_failures,
+            "ranks": all_gather_objects(mine),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         rank, ws = world()
         if len(state["ranks"]) != ws:
-            raise ValueError(f"checkpoint was written by {len(state['ranks'])} ranks; resuming on {ws} is not supported "
-                             "(the replay rows and pending mini-batches are held per rank)")
+            raise ValueError(
+                f"checkpoint was written by {len(state['ranks'])} ranks; resuming on {ws} is not supported "
+                "(the replay rows and pending mini-batches are held per rank)"
+            )
         self.iteration = state["iteration"]
         self.tool_failures = state.get("tool_failures", 0)
         mine = state["ranks"][rank]
@@ -440,7 +542,9 @@ def _agreed_chunks(batch: TokenBatch, size: int, *, at_least: int) -> list[Token
 
 def _dummy(pad_id: int) -> TokenBatch:
     """A one-row, fully masked micro-batch: keeps forward/backward counts equal across ranks."""
-    b = TokenBatch.from_rows([{"prompt_ids": [pad_id], "response_ids": [pad_id], "response_mask": [0]}], pad_id)
+    b = TokenBatch.from_rows(
+        [{"prompt_ids": [pad_id], "response_ids": [pad_id], "response_mask": [0]}], pad_id
+    )
     b.dummy = True
     return b
 

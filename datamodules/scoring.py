@@ -46,28 +46,35 @@ class ScoredRows:
     dicts: list[dict]
 
 
-def rewards(samples: Sequence[Sample], toolcall_bonus: Callable | None, weight: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rewards(
+    samples: Sequence[Sample], toolcall_bonus: Callable | None, weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rewards, traj_rewards, bonus)``, each ``[N]``: task score (row and trajectory) + the tool-call
     bonus ``toolcall_bonus(num_calls, correct, weight)`` (``None``: no bonus)."""
     score = torch.tensor([s.score for s in samples], dtype=torch.float)
-    traj_score = torch.tensor([s.score if s.episode_score is None else s.episode_score for s in samples],
-                              dtype=torch.float)
+    traj_score = torch.tensor(
+        [s.score if s.episode_score is None else s.episode_score for s in samples], dtype=torch.float
+    )
     correct = torch.tensor([s.success for s in samples])
     calls = torch.tensor([s.num_tool_calls for s in samples])
     bonus = toolcall_bonus(calls, correct, weight) if toolcall_bonus else torch.zeros_like(score)
     return score + bonus, traj_score + bonus, bonus
 
 
-def filter_flags(samples: Sequence[Sample], filters: Mapping[str, Filter], max_response_len: int
-                 ) -> dict[str, torch.Tensor]:
+def filter_flags(
+    samples: Sequence[Sample], filters: Mapping[str, Filter], max_response_len: int
+) -> dict[str, torch.Tensor]:
     """Each filter's ``bool[N]`` (True = drop the row), in the filters' order."""
     flags = {}
     for name, f in filters.items():
         flag = f(samples, max_response_len)
-        if not (isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.shape == (len(samples),)):
-            raise ValueError(f"data.filters.{name} returned {flag!r} for {len(samples)} rows: a filter returns "
-                             f"a bool tensor [N] (True = drop the row)")
+        if not (
+            isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.shape == (len(samples),)
+        ):
+            raise ValueError(
+                f"data.filters.{name} returned {flag!r} for {len(samples)} rows: a filter returns "
+                f"a bool tensor [N] (True = drop the row)"
+            )
         flags[name] = flag
     return flags
 
@@ -81,22 +88,42 @@ def anchor_ids(samples: Sequence[Sample]) -> torch.Tensor:
     """``[N]`` GiGPO anchor ids: one per distinct ``(group, anchor text)``, numbered from 0 in order of first
     appearance; a row without an anchor gets ``-1 - i`` (a step group of its own)."""
     ids: dict[tuple[int, str], int] = {}
-    return torch.tensor([ids.setdefault((s.group, s.anchor), len(ids)) if s.anchor is not None else -1 - i
-                         for i, s in enumerate(samples)], dtype=torch.long)
+    return torch.tensor(
+        [
+            ids.setdefault((s.group, s.anchor), len(ids)) if s.anchor is not None else -1 - i
+            for i, s in enumerate(samples)
+        ],
+        dtype=torch.long,
+    )
 
 
-def row_dicts(samples: Sequence[Sample], keep: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor
-              ) -> list[dict]:
+def row_dicts(
+    samples: Sequence[Sample], keep: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor
+) -> list[dict]:
     """The training rows; a row with ``keep`` False keeps its tokens but gets an all-zero loss mask."""
-    return [{"prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
-             "response_mask": [m * int(k) for m in s.response_mask], "group_id": int(g), "reward": float(r),
-             "num_tool_calls": s.num_tool_calls}
-            for s, k, g, r in zip(samples, keep.tolist(), group_ids, rewards)]
+    return [
+        {
+            "prompt_ids": s.prompt_ids,
+            "response_ids": s.response_ids,
+            "response_mask": [m * int(k) for m in s.response_mask],
+            "group_id": int(g),
+            "reward": float(r),
+            "num_tool_calls": s.num_tool_calls,
+        }
+        for s, k, g, r in zip(samples, keep.tolist(), group_ids, rewards)
+    ]
 
 
-def score_rows(samples: Sequence[Sample], t: int, *, prompts_per_iteration: int, max_response_len: int,
-               filters: Mapping[str, Filter], toolcall_bonus: Callable | None = None,
-               tool_reward_weight: float = 0.0) -> ScoredRows:
+def score_rows(
+    samples: Sequence[Sample],
+    t: int,
+    *,
+    prompts_per_iteration: int,
+    max_response_len: int,
+    filters: Mapping[str, Filter],
+    toolcall_bonus: Callable | None = None,
+    tool_reward_weight: float = 0.0,
+) -> ScoredRows:
     """Score iteration ``t``'s samples of this rank: rewards, filter flags, ids and rows."""
     reward, traj_reward, bonus = rewards(samples, toolcall_bonus, tool_reward_weight)
     flags = filter_flags(samples, filters, max_response_len)
@@ -105,20 +132,29 @@ def score_rows(samples: Sequence[Sample], t: int, *, prompts_per_iteration: int,
         keep &= ~flag
     gids = group_ids(samples, t, prompts_per_iteration)
     return ScoredRows(
-        rewards=reward, traj_rewards=traj_reward, bonus=bonus,
-        correct=torch.tensor([s.success for s in samples]), calls=torch.tensor([s.num_tool_calls for s in samples]),
-        lengths=torch.tensor([len(s.response_ids) for s in samples]), group_ids=gids,
-        anchor_ids=anchor_ids(samples), step_returns=torch.tensor([s.step_return for s in samples], dtype=torch.float),
-        episode_keys=torch.tensor([s.episode for s in samples], dtype=torch.long), flags=flags,
-        dicts=row_dicts(samples, keep, gids, reward))
+        rewards=reward,
+        traj_rewards=traj_reward,
+        bonus=bonus,
+        correct=torch.tensor([s.success for s in samples]),
+        calls=torch.tensor([s.num_tool_calls for s in samples]),
+        lengths=torch.tensor([len(s.response_ids) for s in samples]),
+        group_ids=gids,
+        anchor_ids=anchor_ids(samples),
+        step_returns=torch.tensor([s.step_return for s in samples], dtype=torch.float),
+        episode_keys=torch.tensor([s.episode for s in samples], dtype=torch.long),
+        flags=flags,
+        dicts=row_dicts(samples, keep, gids, reward),
+    )
 
 
 def check_filters(filters: Mapping[str, object], max_response_len: int) -> dict[str, Filter]:
     """The filters as given, each tried on no rows: a ``ValueError`` naming ``data.filters.<name>`` for an
     entry that is not a filter (e.g. the old switch form ``overlong: true``) or has another call shape."""
     for name, f in filters.items():
-        how = (f"a filter is a node {{_target_: ..., _partial_: true}} called as (samples, max_response_len) -> "
-               f"bool[N] (conf/filter/; e.g. +filter@data.filters.overlong=overlong, ~data.filters.{name})")
+        how = (
+            f"a filter is a node {{_target_: ..., _partial_: true}} called as (samples, max_response_len) -> "
+            f"bool[N] (conf/filter/; e.g. +filter@data.filters.overlong=overlong, ~data.filters.{name})"
+        )
         if not callable(f):
             raise ValueError(f"data.filters.{name}={f!r}: {how}")
         try:

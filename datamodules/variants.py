@@ -22,29 +22,45 @@ from spear_lit.batch import Sample
 
 
 # ------------------------------------------------------------------ advantage estimators
-def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, step_returns: torch.Tensor, anchor_ids: torch.Tensor,
-         *, norm_by_std: bool) -> torch.Tensor:
+def grpo(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    step_returns: torch.Tensor,
+    anchor_ids: torch.Tensor,
+    *,
+    norm_by_std: bool,
+) -> torch.Tensor:
     """GRPO (SPEAR_SPEC §2.1): ``R - μ_group`` (``/ (σ + 1e-6)`` with ``norm_by_std``); ``[N]``."""
     return grpo_advantages(rewards, group_ids, norm_by_std=norm_by_std)
 
 
-def gigpo(rewards: torch.Tensor, group_ids: torch.Tensor, step_returns: torch.Tensor, anchor_ids: torch.Tensor,
-          *, step_weight: float = 1.0, norm_by_std: bool = True) -> torch.Tensor:
+def gigpo(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    step_returns: torch.Tensor,
+    anchor_ids: torch.Tensor,
+    *,
+    step_weight: float = 1.0,
+    norm_by_std: bool = True,
+) -> torch.Tensor:
     """GiGPO (SPEAR_SPEC §2.2): episode term over the group's rows + ``w ·`` step term over rows with equal
     anchor observation; ``[N]``."""
-    return gigpo_advantages(rewards, step_returns, group_ids, anchor_ids, step_weight=step_weight,
-                            norm_by_std=norm_by_std)
+    return gigpo_advantages(
+        rewards, step_returns, group_ids, anchor_ids, step_weight=step_weight, norm_by_std=norm_by_std
+    )
 
 
 # ------------------------------------------------------------------ tool-call bonuses (SPEAR_SPEC §7)
-def standard_bonus(num_calls: torch.Tensor, correct: torch.Tensor, weight: float, *, per_call: float = 0.1,
-                   cap: float = 1.0) -> torch.Tensor:
+def standard_bonus(
+    num_calls: torch.Tensor, correct: torch.Tensor, weight: float, *, per_call: float = 0.1, cap: float = 1.0
+) -> torch.Tensor:
     """``min(per_call·n, cap)·λ`` for every trajectory, right or wrong (Qwen2.5 AIME)."""
     return toolcall_bonus(num_calls, weight, per_call=per_call, cap=cap)
 
 
-def qwen3_bonus(num_calls: torch.Tensor, correct: torch.Tensor, weight: float, *, per_call: float = 0.1,
-                cap: float = 1.0) -> torch.Tensor:
+def qwen3_bonus(
+    num_calls: torch.Tensor, correct: torch.Tensor, weight: float, *, per_call: float = 0.1, cap: float = 1.0
+) -> torch.Tensor:
     """Correct answers get ``λ·[n > 0]``, wrong ones the standard bonus (the Qwen3 variant)."""
     return toolcall_bonus_qwen3(num_calls, correct, weight, per_call=per_call, cap=cap)
 
@@ -55,7 +71,9 @@ def qwen3_bonus(num_calls: torch.Tensor, correct: torch.Tensor, weight: float, *
 # logs each one's count as ``filter/<name>``.
 def overlong(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor:
     """Filter 1: response length (policy + tool tokens) ``>= L``."""
-    return is_overlong(torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long), max_response_len)
+    return is_overlong(
+        torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long), max_response_len
+    )
 
 
 def incomplete(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor:
@@ -63,11 +81,13 @@ def incomplete(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor
     return torch.tensor([s.incomplete for s in samples], dtype=torch.bool)
 
 
-def repetitive(samples: Sequence[Sample], max_response_len: int, *, n: int = 20, threshold: int = 10
-               ) -> torch.Tensor:
+def repetitive(
+    samples: Sequence[Sample], max_response_len: int, *, n: int = 20, threshold: int = 10
+) -> torch.Tensor:
     """Filter 3: some ``n``-gram of response token ids occurs at least ``threshold`` times."""
-    return torch.tensor([has_repeated_ngrams(s.response_ids, n=n, threshold=threshold) for s in samples],
-                        dtype=torch.bool)
+    return torch.tensor(
+        [has_repeated_ngrams(s.response_ids, n=n, threshold=threshold) for s in samples], dtype=torch.bool
+    )
 
 
 def unreadable(samples: Sequence[Sample], max_response_len: int) -> torch.Tensor:

@@ -85,10 +85,15 @@ class TokenBatch:
         resp_cols = self.attention_mask[:, P:].any(0).nonzero()
         end = int(resp_cols[-1]) + 1 if len(resp_cols) else 1
         return TokenBatch(
-            input_ids=self.input_ids[:, start:P + end], attention_mask=self.attention_mask[:, start:P + end],
-            response_mask=self.response_mask[:, :end], prompt_width=P - start,
-            advantages=self.advantages, old_logp=self.old_logp[:, :end], group_ids=self.group_ids,
-            rewards=self.rewards, num_tool_calls=self.num_tool_calls,
+            input_ids=self.input_ids[:, start : P + end],
+            attention_mask=self.attention_mask[:, start : P + end],
+            response_mask=self.response_mask[:, :end],
+            prompt_width=P - start,
+            advantages=self.advantages,
+            old_logp=self.old_logp[:, :end],
+            group_ids=self.group_ids,
+            rewards=self.rewards,
+            num_tool_calls=self.num_tool_calls,
         )
 
     def to(self, device) -> TokenBatch:
@@ -102,10 +107,11 @@ class TokenBatch:
         n_resp = int(am[P:].sum())
         return {
             "prompt_ids": self.input_ids[i, :P][am[:P]].clone(),
-            "response_ids": self.input_ids[i, P:P + n_resp].clone(),
+            "response_ids": self.input_ids[i, P : P + n_resp].clone(),
             "response_mask": self.response_mask[i, :n_resp].clone(),
             "old_logp": self.old_logp[i, :n_resp].clone(),
-            "group_id": int(self.group_ids[i]), "reward": float(self.rewards[i]),
+            "group_id": int(self.group_ids[i]),
+            "reward": float(self.rewards[i]),
             "num_tool_calls": int(self.num_tool_calls[i]),
         }
 
@@ -122,16 +128,20 @@ class TokenBatch:
         old = torch.zeros((n, T))
         for i, r in enumerate(rows):
             p, t = len(r["prompt_ids"]), len(r["response_ids"])
-            ids[i, P - p:P] = torch.as_tensor(r["prompt_ids"])
-            ids[i, P:P + t] = torch.as_tensor(r["response_ids"])
-            am[i, P - p:P + t] = 1
+            ids[i, P - p : P] = torch.as_tensor(r["prompt_ids"])
+            ids[i, P : P + t] = torch.as_tensor(r["response_ids"])
+            am[i, P - p : P + t] = 1
             rm[i, :t] = torch.as_tensor(r["response_mask"], dtype=torch.float)
             if "old_logp" in r:
                 old[i, :t] = torch.as_tensor(r["old_logp"], dtype=torch.float)
         adv = advantages if advantages is not None else torch.tensor([r.get("advantage", 0.0) for r in rows])
         return TokenBatch(
-            input_ids=ids, attention_mask=am, response_mask=rm, prompt_width=P,
-            advantages=adv.float(), old_logp=old,
+            input_ids=ids,
+            attention_mask=am,
+            response_mask=rm,
+            prompt_width=P,
+            advantages=adv.float(),
+            old_logp=old,
             group_ids=torch.tensor([r.get("group_id", 0) for r in rows], dtype=torch.long),
             rewards=torch.tensor([r.get("reward", 0.0) for r in rows], dtype=torch.float),
             num_tool_calls=torch.tensor([r.get("num_tool_calls", 0) for r in rows], dtype=torch.long),

@@ -169,8 +169,9 @@ def _check_target(path: str, node: dict, raw: dict, fixes: dict) -> None:
                 continue
             # suggest the knobs (keyword-only or defaulted), not the arguments a partial's caller passes
             knobs = [n for n, p in named.items() if p.default is not p.empty or p.kind is p.KEYWORD_ONLY]
-            raise ConfigError(_unknown(key, knobs or list(named),
-                                       f": {node['_target_']} takes no such argument"))
+            raise ConfigError(
+                _unknown(key, knobs or list(named), f": {node['_target_']} takes no such argument")
+            )
         hint = hints.get(k, Any)
         item = _dict_item(hint)
         if isinstance(v, dict) and "_target_" not in v and item is not None:
@@ -182,8 +183,14 @@ def _check_target(path: str, node: dict, raw: dict, fixes: dict) -> None:
                 fixes[_source(f"{path}.{k}" if path else k, raw)] = [v]
                 continue
             default = named[k].default
-            raise ConfigError(_bad_value(_source(f"{path}.{k}" if path else k, raw), v, hint,
-                                         None if default is inspect.Parameter.empty else default))
+            raise ConfigError(
+                _bad_value(
+                    _source(f"{path}.{k}" if path else k, raw),
+                    v,
+                    hint,
+                    None if default is inspect.Parameter.empty else default,
+                )
+            )
 
 
 @cache
@@ -290,21 +297,29 @@ def _check_world(config: dict) -> None:
     if ws is None:
         return
     size = f"the world size {ws} (trainer.devices={trainer.get('devices')} x trainer.num_nodes={trainer.get('num_nodes', 1)})"
-    data, rollout, strategy = (n if isinstance(n, dict) else {}
-                               for n in (config.get("data"), config.get("rollout"), trainer.get("strategy")))
+    data, rollout, strategy = (
+        n if isinstance(n, dict) else {}
+        for n in (config.get("data"), config.get("rollout"), trainer.get("strategy"))
+    )
     prompts = data.get("prompts_per_iteration")
     if isinstance(prompts, int) and prompts % ws:
         fit = -(-prompts // ws) * ws
-        raise ConfigError(f"data.prompts_per_iteration={prompts} must be divisible by {size}: each rank rolls "
-                          f"out whole groups of the iteration's prompts (e.g. data.prompts_per_iteration={fit})")
+        raise ConfigError(
+            f"data.prompts_per_iteration={prompts} must be divisible by {size}: each rank rolls "
+            f"out whole groups of the iteration's prompts (e.g. data.prompts_per_iteration={fit})"
+        )
     tp = rollout.get("tensor_parallel_size")
     if isinstance(tp, int) and tp > 1 and ws % tp:
-        raise ConfigError(f"rollout.tensor_parallel_size={tp} must divide {size}: a vLLM replica spans "
-                          f"tensor_parallel_size consecutive trainer ranks")
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={tp} must divide {size}: a vLLM replica spans "
+            f"tensor_parallel_size consecutive trainer ranks"
+        )
     dp, stp = strategy.get("data_parallel_size"), strategy.get("tensor_parallel_size")
     if isinstance(dp, int) and isinstance(stp, int) and dp * stp != ws:
-        raise ConfigError(f"trainer.strategy.data_parallel_size={dp} x trainer.strategy.tensor_parallel_size={stp} "
-                          f"must equal {size} (e.g. trainer.strategy.data_parallel_size={ws // stp or 1})")
+        raise ConfigError(
+            f"trainer.strategy.data_parallel_size={dp} x trainer.strategy.tensor_parallel_size={stp} "
+            f"must equal {size} (e.g. trainer.strategy.data_parallel_size={ws // stp or 1})"
+        )
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -324,8 +339,8 @@ def _source(key: str, raw: dict) -> str:
             if m:
                 ref = m.group(1)
                 dots = len(ref) - len(ref.lstrip("."))
-                base = parts[:i - dots + 1] if dots else []
-                parts = base + ref.lstrip(".").split(".") + parts[i + 1:]
+                base = parts[: i - dots + 1] if dots else []
+                parts = base + ref.lstrip(".").split(".") + parts[i + 1 :]
                 break
         else:
             return ".".join(parts)
@@ -337,7 +352,9 @@ def _unknown(key: str, names: list[str], why: str = "") -> str:
     parent, _, leaf = key.rpartition(".")
     full = [f"{parent}.{n}" if parent else n for n in sorted(names)]
     near = difflib.get_close_matches(leaf, sorted(names), n=1, cutoff=0.6)
-    hint = f"did you mean '{parent + '.' if parent else ''}{near[0]}'?" if near else f"known: {', '.join(full)}"
+    hint = (
+        f"did you mean '{parent + '.' if parent else ''}{near[0]}'?" if near else f"known: {', '.join(full)}"
+    )
     return f"unknown key '{key}'{why} ({hint})"
 
 
@@ -369,7 +386,11 @@ _EXAMPLES = {bool: True, int: 8, float: 0.5, str: "text"}
 
 def _bad_value(key: str, value, hint, default) -> str:
     want = _describe(hint) or f"a {getattr(hint, '__name__', hint)} (a node with _target_)"
-    example = default if default is not None and _ok(default, hint) and not isinstance(default, dict) else _example(hint)
+    example = (
+        default
+        if default is not None and _ok(default, hint) and not isinstance(default, dict)
+        else _example(hint)
+    )
     shown = repr(value) if isinstance(value, str) else _fmt(value)
     return f"{key}={shown} must be {want}" + ("" if example is None else f" (e.g. {key}={_fmt(example)})")
 

@@ -17,9 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny, fast RL run of the shipped policy: 4 prompts x 4 rollouts, short episodes, no validation.
 TINY_RUN_WITH_VALIDATION = [
-    "iterations=3", "data.prompts_per_iteration=4", "data.group_size=4", "data.mini_batch_rows=8",
-    "data.micro_batch_rows=4", "max_response_len=160", "data.agent.max_turns=3", "data.val_max_problems=4",
-    "spear.buffer_size=2", "trainer.logger=null", "tool.num_workers=2",
+    "iterations=3",
+    "data.prompts_per_iteration=4",
+    "data.group_size=4",
+    "data.mini_batch_rows=8",
+    "data.micro_batch_rows=4",
+    "max_response_len=160",
+    "data.agent.max_turns=3",
+    "data.val_max_problems=4",
+    "spear.buffer_size=2",
+    "trainer.logger=null",
+    "tool.num_workers=2",
 ]
 TINY_RUN = [*TINY_RUN_WITH_VALIDATION, "~callbacks.validation"]
 
@@ -61,9 +69,14 @@ class StepLog(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
-        record = {"rank": rank, "global_step": trainer.global_step, "steps": self.steps,
-                  "loaded_buffer": self.loaded_buffer, "final_buffer": _buffer_digest(trainer.datamodule),
-                  "iteration": trainer.datamodule.iteration}
+        record = {
+            "rank": rank,
+            "global_step": trainer.global_step,
+            "steps": self.steps,
+            "loaded_buffer": self.loaded_buffer,
+            "final_buffer": _buffer_digest(trainer.datamodule),
+            "iteration": trainer.datamodule.iteration,
+        }
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))
 
 

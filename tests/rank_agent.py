@@ -41,11 +41,35 @@ class DeterministicAgent:
         mask = [0 if n // 3 <= j < n // 3 + 2 else 1 for j in range(n)]
         kind = group % 4
         win = kind == 1 or (kind != 3 and rng.random() < 0.25 + 0.15 * kind)
-        return Sample(prompt_ids=prompt, response_ids=response, response_mask=mask, group=group, episode=member,
-                      score=1.0 if win else -1.0, success=win, num_tool_calls=1, text="x" * n, turns=2)
+        return Sample(
+            prompt_ids=prompt,
+            response_ids=response,
+            response_mask=mask,
+            group=group,
+            episode=member,
+            score=1.0 if win else -1.0,
+            success=win,
+            num_tool_calls=1,
+            text="x" * n,
+            turns=2,
+        )
 
-    def collect(self, engine, tokenizer, *, t, seed, num_groups, group_size, max_response_len, temperature,
-                top_p, greedy=False, sync=None, shard=(0, 1)) -> list[Sample]:
+    def collect(
+        self,
+        engine,
+        tokenizer,
+        *,
+        t,
+        seed,
+        num_groups,
+        group_size,
+        max_response_len,
+        temperature,
+        top_p,
+        greedy=False,
+        sync=None,
+        shard=(0, 1),
+    ) -> list[Sample]:
         lo, hi = shard_range(num_groups, shard)
         out = []
         for g in range(lo, hi):
@@ -55,11 +79,25 @@ class DeterministicAgent:
                 out.append(s)
         return out
 
-    def evaluate(self, engine, tokenizer, *, shard, limit, max_response_len, temperature, top_p, greedy,
-                 sync=None, samples=1) -> tuple[int, int]:
+    def evaluate(
+        self,
+        engine,
+        tokenizer,
+        *,
+        shard,
+        limit,
+        max_response_len,
+        temperature,
+        top_p,
+        greedy,
+        sync=None,
+        samples=1,
+    ) -> tuple[int, int]:
         rank, world = shard
         items = list(range(limit or 16))[rank::world]
-        wins = sum(random.Random(f"val/{i}/{k}/{greedy}").random() < 0.5 for i in items for k in range(samples))
+        wins = sum(
+            random.Random(f"val/{i}/{k}/{greedy}").random() < 0.5 for i in items for k in range(samples)
+        )
         return wins, len(items) * samples
 
 
@@ -79,8 +117,16 @@ class RowLog(L.Callback):
                 continue
             for i in range(len(micro)):
                 ids = micro.input_ids[i][micro.attention_mask[i].bool()].tolist()
-                self.rows.append([mb.iteration, mb.kind, mb.step_in_iteration, int(micro.group_ids[i]),
-                                  round(float(micro.advantages[i]), 5), hash(tuple(ids)) % 10**9])
+                self.rows.append(
+                    [
+                        mb.iteration,
+                        mb.kind,
+                        mb.step_in_iteration,
+                        int(micro.group_ids[i]),
+                        round(float(micro.advantages[i]), 5),
+                        hash(tuple(ids)) % 10**9,
+                    ]
+                )
 
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)

@@ -44,24 +44,48 @@ def write_aime_inputs(root, n_train: int = 8, n_val: int = 4, seed: int = 0) -> 
     task = ArithmeticToolTask()
     train, val = task.train_problems(n_train, random.Random(seed)), task.val_problems()[:n_val]
     dapo = root / "dapo-math-17k.parquet"
-    pq.write_table(pa.table({
-        "data_source": ["math_dapo"] * len(train),
-        "prompt": [[{"content": p.prompt, "role": "user"}] for p in train],
-        "ability": ["MATH"] * len(train),
-        "reward_model": [{"ground_truth": p.answer, "style": "rule-lm"} for p in train],
-        "extra_info": [{"index": f"{i:08x}"} for i in range(len(train))],
-    }), dapo)
+    pq.write_table(
+        pa.table(
+            {
+                "data_source": ["math_dapo"] * len(train),
+                "prompt": [[{"content": p.prompt, "role": "user"}] for p in train],
+                "ability": ["MATH"] * len(train),
+                "reward_model": [{"ground_truth": p.answer, "style": "rule-lm"} for p in train],
+                "extra_info": [{"index": f"{i:08x}"} for i in range(len(train))],
+            }
+        ),
+        dapo,
+    )
     half = len(val) // 2
     aime24 = root / "aime_2024_problems.parquet"
-    pq.write_table(pa.table({
-        "ID": [f"2024-I-{i + 1}" for i in range(half)], "Problem": [p.prompt for p in val[:half]],
-        "Solution": ["(use the tool)"] * half, "Answer": [int(p.answer) for p in val[:half]],  # int64 there
-    }), aime24)
+    pq.write_table(
+        pa.table(
+            {
+                "ID": [f"2024-I-{i + 1}" for i in range(half)],
+                "Problem": [p.prompt for p in val[:half]],
+                "Solution": ["(use the tool)"] * half,
+                "Answer": [int(p.answer) for p in val[:half]],  # int64 there
+            }
+        ),
+        aime24,
+    )
     aime25 = root / "aime_2025.jsonl"
-    aime25.write_text("".join(json.dumps({
-        "id": str(i), "problem": p.prompt, "solution": "", "answer": p.answer,  # a string there
-        "url": "", "year": "2025",
-    }) + "\n" for i, p in enumerate(val[half:])))
+    aime25.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": str(i),
+                    "problem": p.prompt,
+                    "solution": "",
+                    "answer": p.answer,  # a string there
+                    "url": "",
+                    "year": "2025",
+                }
+            )
+            + "\n"
+            for i, p in enumerate(val[half:])
+        )
+    )
     return {"train": dapo, "val": [aime24, aime25]}
 
 
@@ -78,7 +102,9 @@ def test_tool_agent_evaluate_rolls_every_problem_out_k_times_over_the_ranks(tmp_
     """2 "ranks" (shards, called in turn) × 4 problems × k = 3: 12 episodes, each problem exactly 3 times,
     so summed successes / episodes is avg@3; per-file counts have the same keys on every rank."""
     files = write_aime_inputs(tmp_path)
-    task = FileMathTask(val_files=[str(f) for f in files["val"]], name="aime", system_prompt=None, prompt_suffix=None)
+    task = FileMathTask(
+        val_files=[str(f) for f in files["val"]], name="aime", system_prompt=None, prompt_suffix=None
+    )
     model, tok = tiny
     engine = HFEngine()
     engine.bind(model, tok)
@@ -86,8 +112,10 @@ def test_tool_agent_evaluate_rolls_every_problem_out_k_times_over_the_ranks(tmp_
         agent = ToolAgent(task, tool, max_turns=3)
         kw = dict(limit=None, max_response_len=160, temperature=1.0, top_p=0.6)
         per_rank = [{} for _ in range(2)]
-        sampled = [agent.evaluate(engine, tok, shard=(r, 2), greedy=False, samples=3, by_source=per_rank[r], **kw)
-                   for r in range(2)]
+        sampled = [
+            agent.evaluate(engine, tok, shard=(r, 2), greedy=False, samples=3, by_source=per_rank[r], **kw)
+            for r in range(2)
+        ]
         greedy = [agent.evaluate(engine, tok, shard=(r, 2), greedy=True, samples=3, **kw) for r in range(2)]
     assert [n for _, n in sampled] == [6, 6]  # 4 problems x 3 samples dealt round-robin
     assert [n for _, n in greedy] == [2, 2]  # greedy is deterministic: one sample per problem
@@ -107,13 +135,25 @@ def test_env_agent_evaluate_deals_k_episodes_per_task_over_the_ranks():
     from spear_lit.agents.env_prompts import WebShopPrompt
     from spear_lit.envs.webshop import WebShopEnv
 
-    source = PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                "num_attention_heads": 2, "num_key_value_heads": 1})
+    source = PolicySource(
+        tiny={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    )
     tok = source.tokenizer()
     engine = HFEngine()
     engine.bind(source.model().eval(), tok)
-    agent = EnvAgent(functools.partial(WebShopEnv, num_products=200, val_goals=50),
-                     WebShopPrompt(compact=True, history_len=2), name="webshop", max_steps=2, eval_envs=2)
+    agent = EnvAgent(
+        functools.partial(WebShopEnv, num_products=200, val_goals=50),
+        WebShopPrompt(compact=True, history_len=2),
+        name="webshop",
+        max_steps=2,
+        eval_envs=2,
+    )
     try:
         kw = dict(limit=3, max_response_len=4, temperature=1.0, top_p=1.0)
         sampled = [agent.evaluate(engine, tok, shard=(r, 2), greedy=False, samples=2, **kw) for r in range(2)]
@@ -126,11 +166,15 @@ def test_env_agent_evaluate_deals_k_episodes_per_task_over_the_ranks():
 
 
 def test_validation_metric_names_put_the_configured_decoding_first():
-    assert Validation().metric_names("arith") == {"greedy": "val/arith/accuracy",
-                                                  "sampled": "val/arith/accuracy_sampled"}
+    assert Validation().metric_names("arith") == {
+        "greedy": "val/arith/accuracy",
+        "sampled": "val/arith/accuracy_sampled",
+    }
     assert Validation(greedy=False).metric_names("aime") == {"sampled": "val/aime/accuracy"}
-    assert Validation(primary="sampled").metric_names("aime") == {"greedy": "val/aime/accuracy_greedy",
-                                                                  "sampled": "val/aime/accuracy"}
+    assert Validation(primary="sampled").metric_names("aime") == {
+        "greedy": "val/aime/accuracy_greedy",
+        "sampled": "val/aime/accuracy",
+    }
     with pytest.raises(ValueError, match="callbacks.validation.primary"):
         Validation(greedy=False, primary="greedy")
     with pytest.raises(ValueError, match="callbacks.validation"):
@@ -162,32 +206,63 @@ def toy_overrides(inputs: dict, run_dir, engine: str) -> list[str]:
     val = ",".join(str(p) for p in inputs["val"])
     return [
         # where it runs: 4 CPU processes, FSDP2 over all of them, fp32; the rollout engine
-        "trainer.accelerator=cpu", "trainer.precision=32-true", "model.dtype=float32",
-        "trainer.num_nodes=1", "trainer.devices=4", "trainer.strategy.data_parallel_size=4", f"rollout={engine}",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "model.dtype=float32",
+        "trainer.num_nodes=1",
+        "trainer.devices=4",
+        "trainer.strategy.data_parallel_size=4",
+        f"rollout={engine}",
         # paths: the shipped tiny policy, the data files, the run directory
-        "model.path=builtin:tiny-math-sft", f"task.train_files=[{inputs['train']}]", f"task.val_files=[{val}]",
-        f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra",
+        "model.path=builtin:tiny-math-sft",
+        f"task.train_files=[{inputs['train']}]",
+        f"task.val_files=[{val}]",
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}/hydra",
         # the tiny policy's prompt format: it was fine-tuned on bare problems, not on the ReTool prompt
-        "task.system_prompt=null", "task.prompt_suffix=null",
+        "task.system_prompt=null",
+        "task.prompt_suffix=null",
         # sizes: one group per rank as in the paper (128 prompts on 128 ranks), 2 on-policy steps per
         # iteration as in the paper (mini-batch = half the iteration), a replay buffer small enough to fire
-        "iterations=3", "data.prompts_per_iteration=4", "data.group_size=8", "data.mini_batch_rows=16",
-        "data.micro_batch_rows=4", "max_response_len=160", "spear.buffer_size=2", "data.val_group_size=4",
+        "iterations=3",
+        "data.prompts_per_iteration=4",
+        "data.group_size=8",
+        "data.mini_batch_rows=16",
+        "data.micro_batch_rows=4",
+        "max_response_len=160",
+        "spear.buffer_size=2",
+        "data.val_group_size=4",
         "tool.num_workers=1",
     ]
 
 
-@pytest.mark.parametrize("engine", [
-    pytest.param(ENGINE, id=f"rollout={ENGINE}",
-                 marks=[pytest.mark.vllm, pytest.mark.xdist_group("vllm")] if HAVE_VLLM else []),
-])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param(
+            ENGINE,
+            id=f"rollout={ENGINE}",
+            marks=[pytest.mark.vllm, pytest.mark.xdist_group("vllm")] if HAVE_VLLM else [],
+        ),
+    ],
+)
 def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
     inputs = write_aime_inputs(tmp_path)
     run_dir = tmp_path / "run"
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "+experiment=aime_32b",
-                           *toy_overrides(inputs, run_dir, engine)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "+experiment=aime_32b",
+            *toy_overrides(inputs, run_dir, engine),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3]

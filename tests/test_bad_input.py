@@ -36,31 +36,75 @@ def _files(tmp_path):
 # are filled with the files above. The first 15 are the cases of issue 12 item 4 (and their relatives).
 CASES = [
     ("int", ["iterations=abc"], ["iterations='abc'", "must be an integer", "e.g. iterations=60"]),
-    ("int-data", ["data.group_size=eight"], ["data.group_size='eight'", "must be an integer", "e.g. data.group_size=8"]),
+    (
+        "int-data",
+        ["data.group_size=eight"],
+        ["data.group_size='eight'", "must be an integer", "e.g. data.group_size=8"],
+    ),
     ("int-seed", ["seed=abc"], ["seed='abc'", "must be an integer", "e.g. seed=0"]),
-    ("float", ["learner.optimizer.lr=abc"], ["learner.optimizer.lr='abc'", "must be a number", "e.g. learner.optimizer.lr="]),
+    (
+        "float",
+        ["learner.optimizer.lr=abc"],
+        ["learner.optimizer.lr='abc'", "must be a number", "e.g. learner.optimizer.lr="],
+    ),
     ("int-not-float", ["max_response_len=1.5"], ["max_response_len=1.5", "must be an integer"]),
     ("bool", ["export_hf=maybe"], ["export_hf='maybe'", "must be true or false", "e.g. export_hf=true"]),
-    ("int-in-filter", ["data.filters.repetitive.n=2.5"], ["data.filters.repetitive.n=2.5", "must be an integer"]),
-    ("old-filter-switch", ["data.filters.overlong=true"], ["config error:", "data.filters.overlong=True", "_target_"]),
+    (
+        "int-in-filter",
+        ["data.filters.repetitive.n=2.5"],
+        ["data.filters.repetitive.n=2.5", "must be an integer"],
+    ),
+    (
+        "old-filter-switch",
+        ["data.filters.overlong=true"],
+        ["config error:", "data.filters.overlong=True", "_target_"],
+    ),
     ("int-or-null", ["data.val_max_problems=all"], ["data.val_max_problems='all'", "an integer or null"]),
-    ("list-length", ["learner.optimizer.betas=[0.9]"], ["learner.optimizer.betas=[0.9]", "a list of 2 numbers",
-                                                          "e.g. learner.optimizer.betas=[0.9,0.999]"]),
+    (
+        "list-length",
+        ["learner.optimizer.betas=[0.9]"],
+        ["learner.optimizer.betas=[0.9]", "a list of 2 numbers", "e.g. learner.optimizer.betas=[0.9,0.999]"],
+    ),
     ("choice", ["trainer.precision=33"], ["trainer.precision=33", "must be one of", "32-true", "bf16-mixed"]),
-    ("jsonl-line", ["task=math_files", "task.train_files=[{bad}]", "task.val_files=[{good}]"],
-     ["config error: task: ", "bad.jsonl:3: not valid JSON", "column 33"]),  # the end of line 3
+    (
+        "jsonl-line",
+        ["task=math_files", "task.train_files=[{bad}]", "task.val_files=[{good}]"],
+        ["config error: task: ", "bad.jsonl:3: not valid JSON", "column 33"],
+    ),  # the end of line 3
     ("ckpt-text", ["ckpt_path={ckpt}"], ["ckpt_path=", "last.ckpt", "not a readable Lightning checkpoint"]),
     ("typo-plus", ["+iteraions=5"], ["'iteraions'", "did you mean 'iterations'?"]),
     ("typo", ["iteraions=5"], ["'iteraions'", "did you mean 'iterations'?"]),
     ("typo-nested", ["+data.grup_size=8"], ["'data.grup_size'", "did you mean 'data.group_size'?"]),
     ("typo-primary", ["+spear.bufer_size=8"], ["'spear.bufer_size'", "did you mean 'spear.buffer_size'?"]),
-    ("kwarg-not-taken", ["+data.advantage.step_weight=1.0"], ["'data.advantage.step_weight'", "grpo takes no such argument",
-                                                               "data.advantage.norm_by_std"]),
-    ("ddp-prompts", ["trainer=ddp", "trainer.accelerator=cpu", "data.prompts_per_iteration=3"],
-     ["data.prompts_per_iteration=3", "divisible by the world size 2", "trainer.devices=2", "e.g. data.prompts_per_iteration=4"]),
-    ("fsdp-mesh", ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.data_parallel_size=4"],
-     ["trainer.strategy.data_parallel_size=4", "must equal the world size 2", "e.g. trainer.strategy.data_parallel_size=2"]),
-    ("vllm-tp", ["rollout=vllm_cpu", "rollout.tensor_parallel_size=2"], ["rollout.tensor_parallel_size=2", "must divide the world size 1"]),
+    (
+        "kwarg-not-taken",
+        ["+data.advantage.step_weight=1.0"],
+        ["'data.advantage.step_weight'", "grpo takes no such argument", "data.advantage.norm_by_std"],
+    ),
+    (
+        "ddp-prompts",
+        ["trainer=ddp", "trainer.accelerator=cpu", "data.prompts_per_iteration=3"],
+        [
+            "data.prompts_per_iteration=3",
+            "divisible by the world size 2",
+            "trainer.devices=2",
+            "e.g. data.prompts_per_iteration=4",
+        ],
+    ),
+    (
+        "fsdp-mesh",
+        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.data_parallel_size=4"],
+        [
+            "trainer.strategy.data_parallel_size=4",
+            "must equal the world size 2",
+            "e.g. trainer.strategy.data_parallel_size=2",
+        ],
+    ),
+    (
+        "vllm-tp",
+        ["rollout=vllm_cpu", "rollout.tensor_parallel_size=2"],
+        ["rollout.tensor_parallel_size=2", "must divide the world size 1"],
+    ),
     ("constructor", ["model.dtype=int3"], ["config error: model.dtype='int3'", "float32, bfloat16, float16"]),
     ("missing", ["model=hf"], ["model.path", "not set"]),
 ]
@@ -69,8 +113,21 @@ CASES = [
 def _run(args, run_dir):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # as a user runs it
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, str(REPO / "train.py"), f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra",
-                           "tool=unsafe", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            f"run_dir={run_dir}",
+            f"hydra.run.dir={run_dir}/hydra",
+            "tool=unsafe",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("name, args, words", CASES, ids=[c[0] for c in CASES])
@@ -115,8 +172,12 @@ FRIENDLY = [
 def test_friendly_forms_pass_the_checks_and_instantiate(overrides, tmp_path):
     check_command_line(overrides, PRIMARY, GROUPS)
     cfg = compose_cfg(tmp_path, ["model.path=null", "tool=unsafe", *overrides])
-    assert check_config(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False),
-                        PRIMARY) == {}
+    assert (
+        check_config(
+            OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False), PRIMARY
+        )
+        == {}
+    )
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     try:
@@ -131,17 +192,38 @@ def test_one_file_for_a_list_of_files_is_a_one_element_list(tmp_path):
     from train import check
 
     files = _files(tmp_path)
-    cfg = compose_cfg(tmp_path, ["task=math_files", f"task.train_files={files['good']}",
-                                 f"task.val_files={files['good']}", "tool=unsafe"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "task=math_files",
+            f"task.train_files={files['good']}",
+            f"task.val_files={files['good']}",
+            "tool=unsafe",
+        ],
+    )
     check(cfg)
     assert cfg.task.train_files == [str(files["good"])] and cfg.task.val_files == [str(files["good"])]
     task = instantiate(cfg.task, _convert_="all")
     assert [p.answer for p in task.val_problems()] == ["2"]
 
 
-@pytest.mark.parametrize("arg", ["+experiment=tiny_grpo", "+term@loss.terms.kl=kl", "agent@data.agent=webshop",
-                                 "hydra.run.dir=/tmp/x", "hydra/launcher=basic", "~callbacks.validation",
-                                 "logger=csv", "-m", "--cfg", "job", "++trainer.num_nodes=2", "loss=grpo"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "+experiment=tiny_grpo",
+        "+term@loss.terms.kl=kl",
+        "agent@data.agent=webshop",
+        "hydra.run.dir=/tmp/x",
+        "hydra/launcher=basic",
+        "~callbacks.validation",
+        "logger=csv",
+        "-m",
+        "--cfg",
+        "job",
+        "++trainer.num_nodes=2",
+        "loss=grpo",
+    ],
+)
 def test_command_line_forms_that_are_not_typos_pass(arg):
     check_command_line([arg], PRIMARY, GROUPS)
 
@@ -165,24 +247,39 @@ def strict(*, n: int = 3):
 
 
 def test_a_value_is_reported_where_it_was_typed_through_interpolations():
-    raw = {"outer": {"k": "abc", "node": {"_target_": "test_bad_input.probe", "n": "${..k}"}},
-           "top": "${outer.node}"}
-    resolved = {"outer": {"k": "abc", "node": {"_target_": "test_bad_input.probe", "n": "abc"}},
-                "top": {"_target_": "test_bad_input.probe", "n": "abc"}}
+    raw = {
+        "outer": {"k": "abc", "node": {"_target_": "test_bad_input.probe", "n": "${..k}"}},
+        "top": "${outer.node}",
+    }
+    resolved = {
+        "outer": {"k": "abc", "node": {"_target_": "test_bad_input.probe", "n": "abc"}},
+        "top": {"_target_": "test_bad_input.probe", "n": "abc"},
+    }
     with pytest.raises(ConfigError, match=r"^outer\.k='abc' must be an integer \(e\.g\. outer\.k=3\)$"):
         check_config(resolved, raw, {"outer": None, "top": None})
 
 
 def test_signature_rules_on_a_hand_made_config():
     primary = {"node": None}
-    ok = {"node": {"_target_": "test_bad_input.probe", "n": 1, "flags": {"a": True}, "files": "x.jsonl", "other": 1}}
+    ok = {
+        "node": {
+            "_target_": "test_bad_input.probe",
+            "n": 1,
+            "flags": {"a": True},
+            "files": "x.jsonl",
+            "other": 1,
+        }
+    }
     assert check_config(ok, ok, primary) == {"node.files": ["x.jsonl"]}  # **extra takes 'other'
     bad = {"node": {"_target_": "test_bad_input.probe", "flags": {"a": "yes"}}}
     with pytest.raises(ConfigError, match=r"^node\.flags\.a='yes' must be true or false"):
         check_config(bad, bad, primary)
     typo = {"node": {"_target_": "test_bad_input.strict", "m": 1}}
-    with pytest.raises(ConfigError, match=r"unknown key 'node\.m': test_bad_input\.strict takes no such argument "
-                                          r"\(known: node\.n\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'node\.m': test_bad_input\.strict takes no such argument "
+        r"\(known: node\.n\)",
+    ):
         check_config(typo, typo, primary)
     with pytest.raises(ConfigError, match=r"unknown key 'nod' \(did you mean 'node'\?\)"):
         check_config({"nod": 1}, {"nod": 1}, primary)

@@ -18,19 +18,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                                reason="trl not installed: pip install -e '.[bench]' torch==2.13.0 (make bench-trl)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None,
+    reason="trl not installed: pip install -e '.[bench]' torch==2.13.0 (make bench-trl)",
+)
 
 
 def test_vs_trl_one_iteration_each():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "bench/vs_trl.py", "--iterations", "1", "--rounds", "1", "--no-vllm"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "bench/vs_trl.py", "--iterations", "1", "--rounds", "1", "--no-vllm"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    for key in ("ours_s_per_iter", "trl_s_per_iter", "ratio", "floor_s_per_iter", "ours_over_floor",
-                "trl_over_floor", "ours_cpu_s_per_iter", "trl_cpu_s_per_iter", "cpu_ratio"):
+    for key in (
+        "ours_s_per_iter",
+        "trl_s_per_iter",
+        "ratio",
+        "floor_s_per_iter",
+        "ours_over_floor",
+        "trl_over_floor",
+        "ours_cpu_s_per_iter",
+        "trl_cpu_s_per_iter",
+        "cpu_ratio",
+    ):
         assert result[key] > 0, key
     assert result["ratio"] == pytest.approx(result["ours_s_per_iter"] / result["trl_s_per_iter"])
     assert result["ours_over_floor"] == pytest.approx(result["ours_s_per_iter"] / result["floor_s_per_iter"])

@@ -42,13 +42,33 @@ def spear(tmp_path_factory):
 
 
 def test_train_py_refuses_spear_without_its_baseline_at_start(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY_RUN, "loss=spear", "~callbacks.baseline",
-                           f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *TINY_RUN,
+            "loss=spear",
+            "~callbacks.baseline",
+            f"run_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path}/hydra",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    error = next(line for line in (proc.stdout + proc.stderr).splitlines() if "config error" in line)  # one line
-    for words in ("callbacks.baseline (callbacks.P50Baseline)", "removed (`~callbacks.baseline`",
-                  "replay is on", "P50 recalibration", "data.replay=null"):
+    error = next(
+        line for line in (proc.stdout + proc.stderr).splitlines() if "config error" in line
+    )  # one line
+    for words in (
+        "callbacks.baseline (callbacks.P50Baseline)",
+        "removed (`~callbacks.baseline`",
+        "replay is on",
+        "P50 recalibration",
+        "data.replay=null",
+    ):
         assert words in error, (words, error)
     assert not (tmp_path / "metrics.csv").exists()  # refused before any rollout
 
@@ -79,7 +99,9 @@ def test_the_need_follows_the_objects_not_the_loss_name(spear, tmp_path):
     # Dr.BoT (no replay, no bonus) needs none of them
     _, drbot, _ = _built(tmp_path / "b", "loss=drbot")
     kept = check_algorithm_callbacks(drbot, learner, {**no_algorithm_callbacks, "tool_reward": None})
-    assert {type(c).__name__ for c in kept} == {type(c).__name__ for c in no_algorithm_callbacks.values() if c}
+    assert {type(c).__name__ for c in kept} == {
+        type(c).__name__ for c in no_algorithm_callbacks.values() if c
+    }
 
 
 def test_contract_order_puts_writers_of_the_record_before_its_report(spear):
@@ -97,7 +119,12 @@ def test_contract_order_puts_writers_of_the_record_before_its_report(spear):
 
 
 def test_contracts_are_stated_in_the_docstring_and_a_cycle_is_refused():
-    for cls in (callbacks.SILWarmup, callbacks.ToolRewardSchedule, callbacks.P50Baseline, callbacks.EntropyMonitor):
+    for cls in (
+        callbacks.SILWarmup,
+        callbacks.ToolRewardSchedule,
+        callbacks.P50Baseline,
+        callbacks.EntropyMonitor,
+    ):
         assert cls.contract.reads and cls.contract.sets
         assert f"Reads: {', '.join(cls.contract.reads)}." in cls.__doc__
         assert f"Sets: {', '.join(cls.contract.sets)}." in cls.__doc__
@@ -116,8 +143,12 @@ def test_contracts_are_stated_in_the_docstring_and_a_cycle_is_refused():
 
 
 def test_tool_reward_schedule_is_the_function_it_is_given():
-    tool = instantiate({"_target_": "callbacks.ToolRewardSchedule", "schedule": {
-        "_target_": "spear_lit.algos.cosine_decay", "_partial_": True, "total_steps": 30}})
+    tool = instantiate(
+        {
+            "_target_": "callbacks.ToolRewardSchedule",
+            "schedule": {"_target_": "spear_lit.algos.cosine_decay", "_partial_": True, "total_steps": 30},
+        }
+    )
     assert [tool.value(t) for t in (0, 15, 30, 31)] == [1.0, pytest.approx(0.5), 0.0, 0.0]
     assert tool.value(7) == cosine_decay(7, total_steps=30)
     assert callbacks.ToolRewardSchedule(None).value(5) == 0.0  # schedule: null = no tool reward
@@ -128,11 +159,16 @@ def test_tool_reward_schedule_is_the_function_it_is_given():
 @pytest.mark.sandbox
 def test_record_writers_listed_after_the_report_still_reach_its_rows(tmp_path):
     """Validation and the entropy monitor configured after the report: every row still has their metrics."""
-    late = ["~callbacks.entropy", "+callbacks.late_entropy={_target_: callbacks.EntropyMonitor}",
-            "+callbacks.late_validation={_target_: callbacks.Validation, every_n_iterations: 1, sampled: false}"]
+    late = [
+        "~callbacks.entropy",
+        "+callbacks.late_entropy={_target_: callbacks.EntropyMonitor}",
+        "+callbacks.late_validation={_target_: callbacks.Validation, every_n_iterations: 1, sampled: false}",
+    ]
     cfg = compose_cfg(tmp_path, [*TINY_RUN, "iterations=2", "export_hf=false", *late])
     names = list(cfg.callbacks)
-    assert names.index("report") < names.index("late_validation") and names.index("report") < names.index("late_entropy")
+    assert names.index("report") < names.index("late_validation") and names.index("report") < names.index(
+        "late_entropy"
+    )
     train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2]

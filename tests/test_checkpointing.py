@@ -85,8 +85,14 @@ class Interrupt(L.Callback):
 
 def _run(args, timeout=600):
     run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}/hydra"],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}/hydra"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -110,8 +116,13 @@ def reference(tmp_path_factory) -> Path:
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 @pytest.mark.parametrize("phase", ["rollout", "mid_iteration", "validation", "export"])
 def test_interrupt_at_any_phase_resumes_to_the_uninterrupted_run(tmp_path, reference, phase):
-    args = [*RUN, f"run_dir={tmp_path}", "+callbacks.interrupt._target_=test_checkpointing.Interrupt",
-            f"+callbacks.interrupt.phase={phase}", f"+callbacks.interrupt.flag={tmp_path}/fired"]
+    args = [
+        *RUN,
+        f"run_dir={tmp_path}",
+        "+callbacks.interrupt._target_=test_checkpointing.Interrupt",
+        f"+callbacks.interrupt.phase={phase}",
+        f"+callbacks.interrupt.flag={tmp_path}/fired",
+    ]
     first = _run(args)
     assert first.returncode != 0 and (tmp_path / "fired").exists(), first.stderr[-3000:]
     saved = tmp_path / "checkpoints" / ("last.ckpt" if phase == "export" else "interrupted.ckpt")
@@ -131,6 +142,7 @@ def test_interrupt_at_any_phase_resumes_to_the_uninterrupted_run(tmp_path, refer
     assert f"ckpt_path=auto: resuming from {saved}" in resumed.stderr + resumed.stdout
     assert _rows(tmp_path) == _rows(reference)
     from spear_lit.policy import PolicySource
+
     assert sum(p.numel() for p in PolicySource(str(tmp_path / "policy_hf")).model().parameters()) > 100_000
 
 
@@ -180,12 +192,17 @@ def test_resuming_a_spear_checkpoint_under_grpo_is_refused_naming_the_keys(refer
         ckpts.check_config(saved, current("loss=grpo"), path)
     msg = str(err.value)
     assert "data.replay:" in msg and "-> None" in msg
-    assert "loss.terms.policy.objective._target_: 'spear_lit.algos.clip_cov_loss' -> 'spear_lit.algos.ppo_clip_loss'" in msg
+    assert (
+        "loss.terms.policy.objective._target_: 'spear_lit.algos.clip_cov_loss' -> 'spear_lit.algos.ppo_clip_loss'"
+        in msg
+    )
     assert "\n  iterations:" not in msg and "\n  seed:" not in msg  # unchanged keys are not listed
     with pytest.raises(ckpts.CheckpointError, match=r"seed: 0 -> 1"):
         ckpts.check_config(saved, current("seed=1"), path)
     # keys that are safe to change only warn
-    warned = ckpts.check_config(saved, current("iterations=5", "callbacks.validation.every_n_iterations=2"), path)
+    warned = ckpts.check_config(
+        saved, current("iterations=5", "callbacks.validation.every_n_iterations=2"), path
+    )
     assert warned == ["callbacks.validation.every_n_iterations: 1 -> 2", "iterations: 3 -> 5"]
 
 
@@ -208,7 +225,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
         with monkeypatch.context() as m:
             m.setattr(*patch)
             with pytest.raises(OSError, match="No space left"):
-                io.save_checkpoint({"pytorch-lightning_version": "2", "global_step": 2, "w": torch.zeros(10**6)}, path)
+                io.save_checkpoint(
+                    {"pytorch-lightning_version": "2", "global_step": 2, "w": torch.zeros(10**6)}, path
+                )
         assert ckpts.read_checkpoint(path)["global_step"] == 1
         assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left
 
@@ -236,8 +255,14 @@ def test_a_failed_export_raises_and_keeps_the_previous_policy(tmp_path, monkeypa
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 def test_sigterm_exits_non_zero_with_the_resume_command(tmp_path):
     args = [*RUN, "iterations=50", f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:
         time.sleep(0.5)

@@ -17,21 +17,46 @@ from spear_lit.config_check import ConfigError, check_config
 from spear_lit.policy import builtin_checkpoint, byte_chat_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name not in ("experiment", "debug"))  # debug: test_debug.py
+GROUPS = sorted(
+    d.name for d in CONF.iterdir() if d.is_dir() and d.name not in ("experiment", "debug")
+)  # debug: test_debug.py
 CASES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 CASES += [("experiment", p.stem) for p in sorted((CONF / "experiment").glob("*.yaml"))]
 SFT_BUNDLE = {("learner", "sft"), ("data", "expert"), ("callbacks", "sft"), ("loss", "none")}
 HAS_BWRAP = shutil.which("bwrap") is not None
 
 # Published architectures (config.json of Qwen2.5-32B-Instruct and Qwen3-32B), for meta-device builds.
-QWEN25_32B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=5120, num_hidden_layers=64,
-                  num_attention_heads=40, num_key_value_heads=8, intermediate_size=27648, vocab_size=152064,
-                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False, torch_dtype="bfloat16")
-QWEN3_32B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=5120, num_hidden_layers=64,
-                 num_attention_heads=64, num_key_value_heads=8, head_dim=128, intermediate_size=25600,
-                 vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                 tie_word_embeddings=False, torch_dtype="bfloat16")
+QWEN25_32B = dict(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_size=5120,
+    num_hidden_layers=64,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    intermediate_size=27648,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+)
+QWEN3_32B = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    hidden_size=5120,
+    num_hidden_layers=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=25600,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +70,22 @@ def inputs(tmp_path_factory):
         (d / "config.json").write_text(json.dumps(cfg))
         dirs[name] = d
     dapo = root / "dapo_math_17k.jsonl"
-    dapo.write_text("\n".join(json.dumps({
-        "prompt": [{"role": "user", "content": f"What is {i} * 7?"}], "reward_model": {"ground_truth": str(7 * i)},
-    }) for i in range(4)) + "\n")
+    dapo.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": f"What is {i} * 7?"}],
+                    "reward_model": {"ground_truth": str(7 * i)},
+                }
+            )
+            for i in range(4)
+        )
+        + "\n"
+    )
     aime = root / "aime_2024.jsonl"
-    aime.write_text("\n".join(json.dumps({"Problem": f"Compute {i} + 1.", "Answer": i + 1}) for i in range(3)) + "\n")
+    aime.write_text(
+        "\n".join(json.dumps({"Problem": f"Compute {i} + 1.", "Answer": i + 1}) for i in range(3)) + "\n"
+    )
     return {**dirs, "train": dapo, "val": aime}
 
 
@@ -62,8 +98,12 @@ def _check(cfg) -> None:
     """train.py's start-up checks (spear_lit/config_check.py); ``???`` values (e.g. ALFWorld's data_path)
     are left to the missing-value check that train.py runs first."""
     primary = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
-    assert check_config(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False),
-                        primary) == {}
+    assert (
+        check_config(
+            OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False), primary
+        )
+        == {}
+    )
 
 
 def _overrides(group: str, option: str, run_dir: Path) -> list[str]:
@@ -79,14 +119,19 @@ def _overrides(group: str, option: str, run_dir: Path) -> list[str]:
         ov = ["+experiment=sft_tiny", f"{group}={option}"]
     else:
         ov = [f"{group}={option}"]
-    return [f"run_dir={run_dir}", *ov] + ([] if HAS_BWRAP or (group, option) == ("tool", "sandbox") else ["tool=unsafe"])
+    return [f"run_dir={run_dir}", *ov] + (
+        [] if HAS_BWRAP or (group, option) == ("tool", "sandbox") else ["tool=unsafe"]
+    )
 
 
 def _required(cfg, option: str, inputs) -> tuple[list[str], bool]:
     """Values a user must give (`???`), filled with the fake inputs; True when the policy is 32B."""
     ov, large = [], False
     if OmegaConf.is_missing(cfg.model, "path"):
-        ov += [f"model.path={inputs['qwen3-32b' if 'qwen3' in option else 'qwen2.5-32b']}", "+model.meta=true"]
+        ov += [
+            f"model.path={inputs['qwen3-32b' if 'qwen3' in option else 'qwen2.5-32b']}",
+            "+model.meta=true",
+        ]
         large = True
     elif str(cfg.model.get("path")).startswith("builtin:"):
         try:
@@ -113,16 +158,25 @@ def test_config_composes_and_instantiates(group, option, inputs, tmp_path):
     base = _overrides(group, option, tmp_path)
     extra, large = _required(_compose(base), option, inputs)
     cfg = _compose(base + extra)
-    if (group, option) == ("rollout", "vllm_aime"):  # TP 4 on the default one-process trainer: refused up front
-        with pytest.raises(ConfigError, match=r"rollout\.tensor_parallel_size=4 must divide the world size 1"):
+    if (group, option) == (
+        "rollout",
+        "vllm_aime",
+    ):  # TP 4 on the default one-process trainer: refused up front
+        with pytest.raises(
+            ConfigError, match=r"rollout\.tensor_parallel_size=4 must divide the world size 1"
+        ):
             _check(cfg)
     else:
         _check(cfg)  # train.py's start-up checks accept every shipped option and experiment
     learner = instantiate(cfg.learner, _convert_="all")
     data = instantiate(cfg.data, _convert_="all")
     data.connect(learner)
-    named = {k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()}
-    callbacks = check_algorithm_callbacks(data, learner, named)  # train.py's check: no needed callback is missing
+    named = {
+        k: instantiate(c, _convert_="all") if c else None for k, c in (cfg.get("callbacks") or {}).items()
+    }
+    callbacks = check_algorithm_callbacks(
+        data, learner, named
+    )  # train.py's check: no needed callback is missing
     try:
         model = learner.policy_source.model()
         n_params = sum(p.numel() for p in model.parameters())
@@ -146,10 +200,20 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
     """SPEAR_SPEC §12, AIME table and common settings."""
     spear = option in ("aime_32b", "aime_qwen3_32b")
     by_type = {type(c).__name__: c for c in callbacks}
-    assert cfg.trainer.num_nodes == 16 and cfg.trainer.devices == 8 and cfg.trainer.strategy.data_parallel_size == 128
+    assert (
+        cfg.trainer.num_nodes == 16
+        and cfg.trainer.devices == 8
+        and cfg.trainer.strategy.data_parallel_size == 128
+    )
     eng = data.engine
     assert type(eng).__name__ == "VLLMEngine" and eng.tp == 4 and eng.gpu_memory_utilization == 0.9
-    assert (data.B, data.n, data.mini_batch_rows, data.agent.max_turns, data.L) == (128, 16, 64 * 16, 8, 16384)
+    assert (data.B, data.n, data.mini_batch_rows, data.agent.max_turns, data.L) == (
+        128,
+        16,
+        64 * 16,
+        8,
+        16384,
+    )
     assert (data.temperature, data.val_temperature, data.val_top_p) == (1.0, 1.0, 0.6)
     assert learner.optimizer_factory.keywords["lr"] == 1e-6
     obj = learner.terms["policy"].objective
@@ -158,8 +222,11 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
     assert obj.keywords.get("clip_c", 10.0) == 10.0
     assert data.advantage.keywords["norm_by_std"] is (option == "aime_32b_grpo")
     assert learner.terms["policy"].aggregation.func.__name__ == (
-        "token_mean" if option == "aime_32b_grpo" else "seq_mean_token_sum_norm")
-    assert set(data.filters) == (set() if option == "aime_32b_grpo" else {"overlong", "incomplete", "repetitive", "unreadable"})
+        "token_mean" if option == "aime_32b_grpo" else "seq_mean_token_sum_norm"
+    )
+    assert set(data.filters) == (
+        set() if option == "aime_32b_grpo" else {"overlong", "incomplete", "repetitive", "unreadable"}
+    )
     assert data.group_keep_ratio == (1.0 if option == "aime_32b_grpo" else 0.75)
     tool = by_type["ToolRewardSchedule"]
     if spear:
@@ -167,7 +234,9 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
         assert (r.capacity, r.tolerate_steps, r.decay) == (2048, 5, -1.0)
         sil = by_type["SILWarmup"]
         assert (sil.peak, sil.total) == (1.0, 300)
-        assert tool.schedule.func.__name__ == "cosine_decay" and tool.schedule.keywords == {"total_steps": 200}
+        assert tool.schedule.func.__name__ == "cosine_decay" and tool.schedule.keywords == {
+            "total_steps": 200
+        }
         assert by_type["P50Baseline"].history.capacity == 10240
         bonus = "qwen3_bonus" if "qwen3" in option else "standard_bonus"
         assert data.toolcall_bonus.func.__name__ == bonus
@@ -176,13 +245,24 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
 
 
 # ---------------------------------------------------------------- errors name the key
-@pytest.mark.parametrize("override, words", [
-    ("callbacks.tool_reward.schedule=cosine", ["callbacks.tool_reward.schedule", "must be a function", "null"]),
-    ("+data.filters.bogus=true", ["data.filters.bogus=True", "_target_", "(samples, max_response_len) -> bool[N]"]),
-    ("+data.filters.shape={_target_:datamodules.variants.standard_bonus,_partial_:true}",  # not a filter's call shape
-     ["data.filters.shape", "weight", "called as (samples, max_response_len)"]),
-    ("model.dtype=int3", ["model.dtype", "float32", "bfloat16", "float16"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (
+            "callbacks.tool_reward.schedule=cosine",
+            ["callbacks.tool_reward.schedule", "must be a function", "null"],
+        ),
+        (
+            "+data.filters.bogus=true",
+            ["data.filters.bogus=True", "_target_", "(samples, max_response_len) -> bool[N]"],
+        ),
+        (
+            "+data.filters.shape={_target_:datamodules.variants.standard_bonus,_partial_:true}",  # not a filter's call shape
+            ["data.filters.shape", "weight", "called as (samples, max_response_len)"],
+        ),
+        ("model.dtype=int3", ["model.dtype", "float32", "bfloat16", "float16"]),
+    ],
+)
 def test_invalid_value_names_the_key_and_the_allowed_values(override, words, tmp_path):
     # tiny_sft's architecture with random weights (model.path=null): no checkpoint needed
     cfg = _compose([f"run_dir={tmp_path}", "model=tiny_sft", "model.path=null", "tool=unsafe", override])

@@ -45,13 +45,21 @@ def test_debug_overrides_every_experiment_and_keeps_the_rest(name, tmp_path):
         return
     assert debug["iterations"] == 2
     d = debug["data"]
-    assert (d["prompts_per_iteration"], d["group_size"], d["mini_batch_rows"], d["micro_batch_rows"]) == (2, 2, 4, 2)
+    assert (d["prompts_per_iteration"], d["group_size"], d["mini_batch_rows"], d["micro_batch_rows"]) == (
+        2,
+        2,
+        4,
+        2,
+    )
     assert (d["val_max_problems"], d["val_group_size"]) == (2, 1)
     assert debug["callbacks"]["validation"]["every_n_iterations"] == 0
     assert debug["callbacks"]["checkpoint"]["every_n_iterations"] == 0
     assert d.get("agent") == plain["data"].get("agent") and d["advantage"] == plain["data"]["advantage"]
     if plain["data"].get("replay"):  # SPEAR: a buffer of 2 rows, so replay can fire within 2 iterations
-        assert debug["data"]["replay"]["capacity"] == "${spear.buffer_size}" and debug["spear"]["buffer_size"] == 2
+        assert (
+            debug["data"]["replay"]["capacity"] == "${spear.buffer_size}"
+            and debug["spear"]["buffer_size"] == 2
+        )
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -70,7 +78,9 @@ def test_debug_runs_two_tiny_iterations(name, tmp_path):
     assert objs["data"].B == 2 and objs["data"].n == 2
     assert int(rows[-1]["optimizer_steps"]) >= 2  # at least one mini-batch per iteration
     val = [k for k in rows[0] if k.startswith("val/")]
-    assert val and all(rows[0][k] == "" for k in val) and all(rows[1][k] != "" for k in val)  # only at the end
+    assert (
+        val and all(rows[0][k] == "" for k in val) and all(rows[1][k] != "" for k in val)
+    )  # only at the end
     assert not list((tmp_path / "checkpoints").glob("iter_*.ckpt"))  # no periodic checkpoints
     assert not (tmp_path / "policy_hf").exists()
     assert list((tmp_path / "lightning_logs").glob("version_*/metrics.csv"))  # the CSV logger

@@ -24,23 +24,55 @@ from helpers import REPO, subprocess_env
 
 from spear_lit.policy import PolicySource
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                reason="deepspeed is not installed (pip install -e .[deepspeed])")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install -e .[deepspeed])",
+)
 
-ONE_ITERATION = ["iterations=1", "data.prompts_per_iteration=4", "data.group_size=4", "data.mini_batch_rows=8",
-                 "data.micro_batch_rows=2", "max_response_len=160", "data.agent.max_turns=3", "spear.buffer_size=2",
-                 "trainer.logger=null", "tool.num_workers=1", "~callbacks.validation",
-                 # plain SGD and no clipping: the update is lr x the gradient, so runs compare gradients
-                 "learner.optimizer._target_=torch.optim.SGD", "~learner.optimizer.betas",
-                 "learner.optimizer.weight_decay=0", "learner.optimizer.lr=0.01", "learner.grad_clip=1e9"]
-ROLLOUT_KEYS = ("rollout/reward_mean", "rollout/success_rate", "rollout/response_len_mean", "rollout/tool_calls_mean")
+ONE_ITERATION = [
+    "iterations=1",
+    "data.prompts_per_iteration=4",
+    "data.group_size=4",
+    "data.mini_batch_rows=8",
+    "data.micro_batch_rows=2",
+    "max_response_len=160",
+    "data.agent.max_turns=3",
+    "spear.buffer_size=2",
+    "trainer.logger=null",
+    "tool.num_workers=1",
+    "~callbacks.validation",
+    # plain SGD and no clipping: the update is lr x the gradient, so runs compare gradients
+    "learner.optimizer._target_=torch.optim.SGD",
+    "~learner.optimizer.betas",
+    "learner.optimizer.weight_decay=0",
+    "learner.optimizer.lr=0.01",
+    "learner.grad_clip=1e9",
+]
+ROLLOUT_KEYS = (
+    "rollout/reward_mean",
+    "rollout/success_rate",
+    "rollout/response_len_mean",
+    "rollout/tool_calls_mean",
+)
 
 
 def _train(run_dir, trainer: list[str]):
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *ONE_ITERATION, *trainer, f"run_dir={run_dir}",
-                           f"hydra.run.dir={run_dir}/hydra"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *ONE_ITERATION,
+            *trainer,
+            f"run_dir={run_dir}",
+            f"hydra.run.dir={run_dir}/hydra",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = list(csv.DictReader(open(run_dir / "metrics.csv")))[-1]
     model = PolicySource(str(run_dir / "policy_hf")).model()
@@ -57,10 +89,14 @@ def runs(tmp_path_factory):
     def get(kind):
         if kind not in cache:
             # (ZeRO-3 shards the parameters: the HF engine detects it and keeps both ranks' generate in step)
-            trainer = (["trainer=ddp", "trainer.accelerator=cpu"] if kind == "ddp" else
-                       ["trainer=deepspeed", f"trainer.strategy.stage={kind}"])
+            trainer = (
+                ["trainer=ddp", "trainer.accelerator=cpu"]
+                if kind == "ddp"
+                else ["trainer=deepspeed", f"trainer.strategy.stage={kind}"]
+            )
             cache[kind] = _train(tmp_path_factory.mktemp(f"run_{kind}"), trainer)
         return cache[kind]
+
     return get
 
 
@@ -73,9 +109,20 @@ def test_zero_rolls_out_and_steps_like_ddp_on_two_cpu_processes(stage, runs):
     assert update.abs().max() > 1e-6  # the exported (gathered) policy was trained
 
 
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.xfail(
-    strict=True, reason="ZeRO-3's update differs from DDP's (max 1.0e-4 on updates of ~1.5e-4, 45 % of the "
-    "elements): not yet understood (ZeRO-2 matches to 1e-7); measured 2026-11-29"))])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        2,
+        pytest.param(
+            3,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="ZeRO-3's update differs from DDP's (max 1.0e-4 on updates of ~1.5e-4, 45 % of the "
+                "elements): not yet understood (ZeRO-2 matches to 1e-7); measured 2026-11-29",
+            ),
+        ),
+    ],
+)
 def test_zero_update_and_grad_norm_equal_ddp(stage, runs):
     update, row = runs(stage)
     ddp_update, ddp_row = runs("ddp")

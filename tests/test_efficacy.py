@@ -47,8 +47,10 @@ def test_smoke_study_reports_tables_and_curves_and_redoes_nothing(tmp_path, caps
         assert float(values["final entropy"].split(" ± ")[0]) > 0
     # the AUC cell is the seed mean/std of each run's mean training success
     aucs = [statistics.fmean(_success(out / "tiny_grpo" / f"seed{s}")) for s in (0, 1)]
-    assert arith["tiny_grpo"][1 + efficacy.COLUMNS.index("train success AUC")] == \
-        f"{statistics.fmean(aucs):.3f} ± {statistics.stdev(aucs):.3f}"
+    assert (
+        arith["tiny_grpo"][1 + efficacy.COLUMNS.index("train success AUC")]
+        == f"{statistics.fmean(aucs):.3f} ± {statistics.stdev(aucs):.3f}"
+    )
     assert "Held-out success of the initial policy" in text
     assert (out / "curves.png").stat().st_size > 20_000
 
@@ -62,8 +64,12 @@ def test_smoke_study_reports_tables_and_curves_and_redoes_nothing(tmp_path, caps
 
     # more iterations: the finished run continues from its last checkpoint (the first rows stay as they were)
     first = _success(runs[0])
-    assert efficacy.main(["--smoke", "--out", str(out), "--experiments", "tiny_grpo", "--seeds", "0",
-                          "--iterations", "3"]) == 0
+    assert (
+        efficacy.main(
+            ["--smoke", "--out", str(out), "--experiments", "tiny_grpo", "--seeds", "0", "--iterations", "3"]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(runs[0] / "metrics.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
     assert _success(runs[0])[:2] == first

@@ -24,10 +24,22 @@ from spear_lit.envs.base import StepResult
 from spear_lit.envs.webshop import WebShopEnv
 from spear_lit.policy import PolicySource
 from spear_lit.rollout import HFEngine
-from spear_lit.rollout.env_loop import episodes_to_samples, match_admissible, parse_env_action, run_env_episodes
+from spear_lit.rollout.env_loop import (
+    episodes_to_samples,
+    match_admissible,
+    parse_env_action,
+    run_env_episodes,
+)
 
-SRC = PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "num_key_value_heads": 1})
+SRC = PolicySource(
+    tiny={
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+)
 TOK = SRC.tokenizer()
 G = 0.95
 
@@ -47,7 +59,11 @@ class ScriptedEngine:
         out = []
         for p, budget in zip(prompts, max_new_tokens):
             r = self.respond(TOK.decode(p))
-            ids = r if isinstance(r, list) else TOK(r, add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+            ids = (
+                r
+                if isinstance(r, list)
+                else TOK(r, add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+            )
             out.append(list(ids)[:budget])
         return out
 
@@ -55,14 +71,28 @@ class ScriptedEngine:
 class LineEnv:
     """Walk from 0 to ``goal`` with ``left``/``right``; reward 1 on arrival. Can raise or hang at a step."""
 
-    def __init__(self, name: str, *, goal: int = 2, raise_at: int | None = None, hang_at: int | None = None,
-                 hang_s: float = 3.0):
+    def __init__(
+        self,
+        name: str,
+        *,
+        goal: int = 2,
+        raise_at: int | None = None,
+        hang_at: int | None = None,
+        hang_s: float = 3.0,
+    ):
         self.name, self.goal, self.raise_at, self.hang_at, self.hang_s = name, goal, raise_at, hang_at, hang_s
         self.calls, self.closed = 0, False
 
     def _result(self, reward=0.0, done=False):
-        return StepResult(f"{self.name}@{self.pos}", reward, done, done, True, ["left", "right"],
-                          {"task": f"reach {self.goal}"})
+        return StepResult(
+            f"{self.name}@{self.pos}",
+            reward,
+            done,
+            done,
+            True,
+            ["left", "right"],
+            {"task": f"reach {self.goal}"},
+        )
 
     def reset(self, task_id):
         self.pos, self.calls = 0, 0
@@ -104,10 +134,15 @@ def run(envs, engine, **kw):
 
 
 def test_parse_and_match():
-    assert parse_env_action("<think>a</think><action>x</action> then <action> go to shelf 1 </action>") == "go to shelf 1"
+    assert (
+        parse_env_action("<think>a</think><action>x</action> then <action> go to shelf 1 </action>")
+        == "go to shelf 1"
+    )
     assert parse_env_action("<action>go</action>") is None  # no <think> block (verl-agent's rule)
     assert parse_env_action("<action>go</action>", require_think=False) == "go"
-    assert parse_env_action("<think></think><action>  </action>") is None and parse_env_action("<think>") is None
+    assert (
+        parse_env_action("<think></think><action>  </action>") is None and parse_env_action("<think>") is None
+    )
     adm = ["search[<query>]", "click[buy now]"]
     assert match_admissible("Click[Buy Now]", adm) == "click[buy now]"
     assert match_admissible("search[red shoes]", adm) == "search[red shoes]"
@@ -118,8 +153,9 @@ def test_parse_and_match():
 def test_numbered_actions_accept_the_number_and_send_the_listed_text():
     p = WebShopPrompt(compact=True, numbered=True)
     adm = ["search[<query>]", "click[back to search]", "click[ab12cd34]"]
-    assert "\nActions: 1: search[<query>] | 2: click[back to search] | 3: click[ab12cd34]\n" in p("t", [], "o", adm,
-                                                                                                    step=0)
+    assert "\nActions: 1: search[<query>] | 2: click[back to search] | 3: click[ab12cd34]\n" in p(
+        "t", [], "o", adm, step=0
+    )
     assert p.command("3", adm) == "click[ab12cd34]" and p.command(" 2 ", adm) == "click[back to search]"
     assert p.command("1", adm) is None  # a placeholder action has to be written out
     assert p.command("0", adm) is None and p.command("4", adm) is None and p.command("3rd", adm) is None
@@ -131,7 +167,9 @@ def test_numbered_actions_accept_the_number_and_send_the_listed_text():
     assert alf.command("2", ["help", "look", "go to desk 1"]) == "go to desk 1"
     assert "(or its number)" in AlfWorldPrompt(numbered=True)("t", [], "o", ["look"], step=0)
     plain = WebShopPrompt(compact=True)
-    assert plain.command("3", adm) is None and plain.response("click[ab12cd34]", adm).endswith(">click[ab12cd34]</action>")
+    assert plain.command("3", adm) is None and plain.response("click[ab12cd34]", adm).endswith(
+        ">click[ab12cd34]</action>"
+    )
 
 
 def test_invalid_actions_leave_the_state_and_are_penalised_with_hand_worked_returns():
@@ -147,8 +185,10 @@ def test_invalid_actions_leave_the_state_and_are_penalised_with_hand_worked_retu
     assert [s.score for s in samples] == pytest.approx([1.0, 0.9, 0.9, 1.0])  # episode reward 1, minus 0.1
     assert [s.incomplete for s in samples] == [False, True, False, False]
     assert all(s.success and s.num_tool_calls == 2 and s.turns == 4 and s.episode == 0 for s in samples)
-    assert all(s.response_mask == [1] * len(s.response_ids) and s.response_ids[-1] == TOK.eos_token_id
-               for s in samples)
+    assert all(
+        s.response_mask == [1] * len(s.response_ids) and s.response_ids[-1] == TOK.eos_token_id
+        for s in samples
+    )
     assert engine.calls == [1, 1, 1, 1]
 
 
@@ -199,9 +239,13 @@ def test_reset_failure_and_sync_keep_generating_for_the_other_ranks():
 
 
 def make_webshop_agent(**prompt_kw):
-    return EnvAgent(functools.partial(WebShopEnv, num_products=200, val_goals=50),
-                    WebShopPrompt(compact=True, history_len=2, **prompt_kw), name="webshop", max_steps=6,
-                    eval_envs=4)
+    return EnvAgent(
+        functools.partial(WebShopEnv, num_products=200, val_goals=50),
+        WebShopPrompt(compact=True, history_len=2, **prompt_kw),
+        name="webshop",
+        max_steps=6,
+        eval_envs=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +273,12 @@ def test_tiny_model_rollout_groups_share_their_initial_state(webshop_agent):
     assert len(samples) == 6 * 6 and {s.episode for s in samples} == set(range(6))
     again = webshop_agent.collect(engine, TOK, t=2, seed=3, **kw)
     assert webshop_agent._pools["train"] == pool  # environments live across iterations
-    assert [s.anchor for s in again if s.info["step"] == 0] == [s.anchor for s in samples if s.info["step"] == 0]
-    wins, n = webshop_agent.evaluate(engine, TOK, shard=(1, 2), limit=7, max_response_len=4, temperature=0.4,
-                                     top_p=1.0, greedy=False)
+    assert [s.anchor for s in again if s.info["step"] == 0] == [
+        s.anchor for s in samples if s.info["step"] == 0
+    ]
+    wins, n = webshop_agent.evaluate(
+        engine, TOK, shard=(1, 2), limit=7, max_response_len=4, temperature=0.4, top_p=1.0, greedy=False
+    )
     assert (wins, n) == (0, 3)  # tasks 1, 3, 5 of the first 7
 
 
@@ -246,8 +293,17 @@ def test_expert_samples_replayed_through_the_same_prompts_win(webshop_agent):
     assert TOK.decode(rows[0]["response_ids"]).startswith("<think></think><action>search[")
     assert TOK.decode(rows[0]["response_ids"]).endswith("]</action><|im_end|>")
     engine = ScriptedEngine(lambda text: answer[text])  # a KeyError would mean the formats differ
-    samples = webshop_agent.collect(engine, TOK, t=1, seed=11, num_groups=4, group_size=2,
-                                    max_response_len=400, temperature=1.0, top_p=1.0)
+    samples = webshop_agent.collect(
+        engine,
+        TOK,
+        t=1,
+        seed=11,
+        num_groups=4,
+        group_size=2,
+        max_response_len=400,
+        temperature=1.0,
+        top_p=1.0,
+    )
     assert len(samples) == 2 * len(rows)
     assert all(s.success and s.info["valid"] and s.score == pytest.approx(10.0) for s in samples)
     assert all(s.num_tool_calls == s.turns for s in samples)
@@ -259,10 +315,23 @@ def test_numbered_expert_answers_clicks_by_number_and_wins():
         rows, answer = expert_answers(agent, 4, seed=11)
         replies = [TOK.decode(r["response_ids"], skip_special_tokens=True) for r in rows]
         assert replies[0].startswith("<think></think><action>search[")
-        assert all(re.fullmatch(r"<think></think><action>\d+</action>", r) for r in replies[1:] if "search[" not in r)
-        assert "Past: search[" in TOK.decode(rows[1]["prompt_ids"])  # the history shows the text, not a number
-        samples = agent.collect(ScriptedEngine(lambda text: answer[text]), TOK, t=1, seed=11, num_groups=4,
-                                group_size=1, max_response_len=400, temperature=1.0, top_p=1.0)
+        assert all(
+            re.fullmatch(r"<think></think><action>\d+</action>", r) for r in replies[1:] if "search[" not in r
+        )
+        assert "Past: search[" in TOK.decode(
+            rows[1]["prompt_ids"]
+        )  # the history shows the text, not a number
+        samples = agent.collect(
+            ScriptedEngine(lambda text: answer[text]),
+            TOK,
+            t=1,
+            seed=11,
+            num_groups=4,
+            group_size=1,
+            max_response_len=400,
+            temperature=1.0,
+            top_p=1.0,
+        )
         assert len(samples) == len(rows) and all(s.success and s.info["valid"] for s in samples)
         assert re.search(r"Past: .*click\[\w+\]", TOK.decode(samples[2].prompt_ids))
     finally:
@@ -297,8 +366,17 @@ def test_gigpo_anchors_equal_for_envs_of_a_group_in_the_same_state(webshop_agent
             return act("click[nothing here]")
         return answer[no_history(text)]
 
-    samples = webshop_agent.collect(ScriptedEngine(respond), TOK, t=1, seed=5, num_groups=2, group_size=2,
-                                    max_response_len=400, temperature=1.0, top_p=1.0)
+    samples = webshop_agent.collect(
+        ScriptedEngine(respond),
+        TOK,
+        t=1,
+        seed=5,
+        num_groups=2,
+        group_size=2,
+        max_response_len=400,
+        temperature=1.0,
+        top_p=1.0,
+    )
     e0, e1 = ([s for s in samples if s.episode == k] for k in (0, 1))
     assert e0[0].group == e1[0].group == 0 and e0[0].success and e1[0].success
     assert not e0[0].info["valid"] and e0[0].anchor == e0[1].anchor == e1[0].anchor  # still at the start
@@ -340,15 +418,33 @@ def children() -> set[int]:
 def test_alfworld_expert_wins_and_close_leaves_no_worker(tmp_path):
     from spear_lit.envs.alfworld import AlfWorldEnv
 
-    subprocess.run([ALF_PY, "-m", "spear_lit.envs.alfworld.generate", "--out", str(tmp_path), "--num-games", "2",
-                    "--seed", "3"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            ALF_PY,
+            "-m",
+            "spear_lit.envs.alfworld.generate",
+            "--out",
+            str(tmp_path),
+            "--num-games",
+            "2",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+    )
     before = children()
-    agent = EnvAgent(functools.partial(AlfWorldEnv, data_path=str(tmp_path), python=ALF_PY),
-                     AlfWorldPrompt(compact=True), name="alfworld", max_steps=10)
+    agent = EnvAgent(
+        functools.partial(AlfWorldEnv, data_path=str(tmp_path), python=ALF_PY),
+        AlfWorldPrompt(compact=True),
+        name="alfworld",
+        max_steps=10,
+    )
     rows, answer = expert_answers(agent, 2, seed=0)  # the planner, run in the worker's interpreter
     engine = ScriptedEngine(lambda text: answer[text])
-    samples = agent.collect(engine, TOK, t=1, seed=0, num_groups=2, group_size=2, max_response_len=200,
-                            temperature=1.0, top_p=1.0)
+    samples = agent.collect(
+        engine, TOK, t=1, seed=0, num_groups=2, group_size=2, max_response_len=200, temperature=1.0, top_p=1.0
+    )
     assert len(samples) == len(rows) * 2 and all(s.success and s.score == 10.0 for s in samples)
     workers = {e.worker_pid for e in agent._pools["train"]}
     assert None not in workers and workers <= children() - before
@@ -361,8 +457,17 @@ def test_alfworld_expert_wins_and_close_leaves_no_worker(tmp_path):
             os.kill(victim.worker_pid, signal.SIGKILL)
         return answer[text]
 
-    samples = agent.collect(ScriptedEngine(kill_then_answer), TOK, t=2, seed=0, num_groups=2, group_size=1,
-                            max_response_len=200, temperature=1.0, top_p=1.0)
+    samples = agent.collect(
+        ScriptedEngine(kill_then_answer),
+        TOK,
+        t=2,
+        seed=0,
+        num_groups=2,
+        group_size=1,
+        max_response_len=200,
+        temperature=1.0,
+        top_p=1.0,
+    )
     failed = {s.episode for s in samples if "error" in s.info}
     assert failed == {0} and all(s.success for s in samples if s.episode != 0)
     assert not any(s.success for s in samples if s.episode == 0)

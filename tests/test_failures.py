@@ -32,8 +32,15 @@ class BreakSandbox(L.Callback):
 
 @pytest.mark.sandbox
 def test_a_sandbox_failing_every_call_is_a_metric_then_stops_the_run(tmp_path):
-    cfg = compose_cfg(tmp_path, [*TINY_RUN, "iterations=6", "data.tool_failure_patience=2",
-                                 "+callbacks.breaker._target_=test_failures.BreakSandbox"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            *TINY_RUN,
+            "iterations=6",
+            "data.tool_failure_patience=2",
+            "+callbacks.breaker._target_=test_failures.BreakSandbox",
+        ],
+    )
     with pytest.raises(RuntimeError, match="tool failed on every call for 2 consecutive iterations"):
         train(cfg)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -69,6 +76,9 @@ def test_the_same_seed_gives_the_same_run_under_machine_load(tmp_path):
             p.join(timeout=10)
 
     def rows(d):
-        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in csv.DictReader(open(d / "metrics.csv"))]
+        return [
+            {k: v for k, v in r.items() if not k.startswith("perf/")}
+            for r in csv.DictReader(open(d / "metrics.csv"))
+        ]
 
     assert rows(tmp_path / "loaded") == rows(tmp_path / "quiet")

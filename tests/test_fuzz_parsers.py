@@ -17,13 +17,30 @@ from spear_lit.rollout.env_loop import match_admissible, parse_env_action
 from spear_lit.tasks.toolcall import format_tool_call, has_final_answer, parse_tool_calls
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TAGS = ["<tool_call>", "</tool_call>", "{", "}", "\\boxed{", '"name"', '"arguments"', "<action>", "</action>",
-        "<think>", "</think>", '"code_interpreter"', "\ud800", "NaN", "1" * 5000]
+TAGS = [
+    "<tool_call>",
+    "</tool_call>",
+    "{",
+    "}",
+    "\\boxed{",
+    '"name"',
+    '"arguments"',
+    "<action>",
+    "</action>",
+    "<think>",
+    "</think>",
+    '"code_interpreter"',
+    "\ud800",
+    "NaN",
+    "1" * 5000,
+]
 # Text made of fragments that matter to the parsers, mixed with arbitrary unicode (lone surrogates too).
 texty = st.lists(st.one_of(st.sampled_from(TAGS), st.text(max_size=20)), max_size=30).map("".join)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -119,8 +136,10 @@ def test_env_action_parsers_on_arbitrary_text(text, admissible, require_think):
 
 
 @FUZZ
-@given(st.one_of(texty, st.sampled_from(["²", "1" * 5000, "٣", " 12 ", "0", "-1", "+1"])),
-       st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=6))
+@given(
+    st.one_of(texty, st.sampled_from(["²", "1" * 5000, "٣", " 12 ", "0", "-1", "+1"])),
+    st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=6),
+)
 def test_numbered_action_commands_never_raise(action, admissible):
     for prompt in (AlfWorldPrompt(numbered=True), WebShopPrompt(numbered=True)):
         cmd = prompt.command(action, admissible)

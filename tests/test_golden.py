@@ -34,15 +34,27 @@ from train import train
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_spear.json"
 OVERRIDES = [*TINY_RUN, "+experiment=tiny_spear", "seed=0", "export_hf=false"]  # 3 iterations, 4 x 4 rollouts
-EXACT = {"iteration", "optimizer_steps", "buffer/size", "buffer/replayed", "filter/groups_dropped", "filter/overlong",
-         "filter/incomplete", "filter/repetitive", "filter/unreadable", "tool/calls"}
+EXACT = {
+    "iteration",
+    "optimizer_steps",
+    "buffer/size",
+    "buffer/replayed",
+    "filter/groups_dropped",
+    "filter/overlong",
+    "filter/incomplete",
+    "filter/repetitive",
+    "filter/unreadable",
+    "tool/calls",
+}
 
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:
     """metrics.csv rows without timings and empty cells."""
     with open(run_dir / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items() if v != "" and not k.startswith("perf/")}
-                for r in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in r.items() if v != "" and not k.startswith("perf/")}
+            for r in csv.DictReader(f)
+        ]
 
 
 def _differences(got: list[dict], want: list[dict]) -> list[str]:
@@ -56,7 +68,8 @@ def _differences(got: list[dict], want: list[dict]) -> list[str]:
         for k in sorted(set(g) & set(w)):
             a, b = g[k], w[k]
             same = (math.isnan(a) and math.isnan(b)) or (
-                a == b if k in EXACT else a == pytest.approx(b, rel=5e-4, abs=1e-9))
+                a == b if k in EXACT else a == pytest.approx(b, rel=5e-4, abs=1e-9)
+            )
             if not same:
                 out.append(f"iteration {it}: {k} = {a!r}, golden {b!r}")
     return out
@@ -77,9 +90,15 @@ def test_tiny_spear_reproduces_its_golden_metrics(tmp_path):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({"overrides": OVERRIDES, "rows": got}, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"golden numbers written to {GOLDEN}: review and commit the diff")
-    assert GOLDEN.exists(), "no golden file: SPEAR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py"
+    assert GOLDEN.exists(), (
+        "no golden file: SPEAR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py"
+    )
     stored = json.loads(GOLDEN.read_text())
-    assert stored["overrides"] == OVERRIDES, "the run's overrides changed: regenerate (see the module docstring)"
+    assert stored["overrides"] == OVERRIDES, (
+        "the run's overrides changed: regenerate (see the module docstring)"
+    )
     diffs = _differences(got, stored["rows"])
-    assert not diffs, ("metrics differ from tests/golden/tiny_spear.json (if intended, regenerate: "
-                       "SPEAR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py):\n  " + "\n  ".join(diffs))
+    assert not diffs, (
+        "metrics differ from tests/golden/tiny_spear.json (if intended, regenerate: "
+        "SPEAR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py):\n  " + "\n  ".join(diffs)
+    )

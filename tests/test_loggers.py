@@ -71,15 +71,17 @@ def _wandb_history(run_file: Path) -> list[dict]:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        piece += data[pos + 7:pos + 7 + length]
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        piece += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(piece)
             piece = b""
             if record.WhichOneof("record_type") == "history":
-                out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+                out.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                )
     return out
 
 
@@ -129,7 +131,8 @@ def test_wandb_offline_run_holds_the_metrics_csv_rows_and_the_plot(tmp_path, mon
     images = [h for h in history if "training_curves/filenames" in h]
     assert len(images) == 1
     assert (images[0]["training_curves/height"], images[0]["training_curves/width"]) == _png_size(
-        tmp_path / "training_curves.png")
+        tmp_path / "training_curves.png"
+    )
     assert (run_dir / "files" / images[0]["training_curves/filenames"][0]).stat().st_size > 0
 
 
@@ -151,7 +154,9 @@ def test_each_logger_builds_or_names_its_install_command(name, tmp_path):
     package = spec.get("requires")
     if package is None or importlib.util.find_spec(package) is not None:
         module, cls = spec["cls"].rsplit(".", 1)
-        assert type(instantiate(cfg.trainer.logger, _convert_="all")) is getattr(importlib.import_module(module), cls)
+        assert type(instantiate(cfg.trainer.logger, _convert_="all")) is getattr(
+            importlib.import_module(module), cls
+        )
         return
     with pytest.raises(Exception, match=rf"pip install -e '\.\[{spec['extra']}\]'") as err:
         instantiate(cfg.trainer.logger, _convert_="all")
@@ -162,6 +167,8 @@ def test_a_missing_logger_package_stops_the_run_before_any_rollout(tmp_path):
     if importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed: nothing is missing")
     cfg = compose_cfg(tmp_path, [*RUN, "logger=mlflow", "tool=unsafe"])
-    with pytest.raises(Exception, match=r"MLFlowLogger needs the `mlflow` package.*pip install -e '\.\[mlflow\]'"):
+    with pytest.raises(
+        Exception, match=r"MLFlowLogger needs the `mlflow` package.*pip install -e '\.\[mlflow\]'"
+    ):
         train(cfg)
     assert not (tmp_path / "metrics.csv").exists()

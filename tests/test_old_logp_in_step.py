@@ -28,16 +28,27 @@ def _grads(learner: PolicyLearner, mb: MiniBatch) -> torch.Tensor:
 
 
 def test_in_step_old_logp_gives_the_same_gradient_as_the_separate_pass():
-    terms = {"policy": PolicyTerm(objective=lambda *a: ppo_clip_loss(*a, clip_high=0.28),
-                                  aggregation=seq_mean_token_sum_norm),
-             "entropy": EntropyTerm(coef=0.01, aggregation=seq_mean_token_sum_norm)}
-    learner = PolicyLearner(PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}), terms,
-                            lambda p: torch.optim.SGD(p, lr=0.0))
+    terms = {
+        "policy": PolicyTerm(
+            objective=lambda *a: ppo_clip_loss(*a, clip_high=0.28), aggregation=seq_mean_token_sum_norm
+        ),
+        "entropy": EntropyTerm(coef=0.01, aggregation=seq_mean_token_sum_norm),
+    }
+    learner = PolicyLearner(
+        PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
+        terms,
+        lambda p: torch.optim.SGD(p, lr=0.0),
+    )
     learner.configure_model()
     g = torch.Generator().manual_seed(0)
-    rows = [{"prompt_ids": torch.randint(0, 256, (5,), generator=g).tolist(),
-             "response_ids": torch.randint(0, 256, (9,), generator=g).tolist(), "response_mask": [1] * 9}
-            for _ in range(6)]
+    rows = [
+        {
+            "prompt_ids": torch.randint(0, 256, (5,), generator=g).tolist(),
+            "response_ids": torch.randint(0, 256, (9,), generator=g).tolist(),
+            "response_mask": [1] * 9,
+        }
+        for _ in range(6)
+    ]
     batch = TokenBatch.from_rows(rows, pad_id=257, advantages=torch.randn(6, generator=g))
     parts = [batch.select([0, 1, 2]), batch.select([3, 4, 5])]
     norm = Normalizers(num_rows=6, num_tokens=int(batch.response_mask.sum()), max_len=16)
@@ -46,8 +57,10 @@ def test_in_step_old_logp_gives_the_same_gradient_as_the_separate_pass():
         p.old_logp = old
     expected = _grads(learner, MiniBatch(micro_batches=separate, kind="on_policy", norm=norm, iteration=1))
     assert all(float(p.old_logp.abs().sum()) == 0 for p in parts)  # nothing filled: the step must supply them
-    in_step = _grads(learner, MiniBatch(micro_batches=parts, kind="on_policy", norm=norm, iteration=1,
-                                        old_logp_in_step=True))
+    in_step = _grads(
+        learner,
+        MiniBatch(micro_batches=parts, kind="on_policy", norm=norm, iteration=1, old_logp_in_step=True),
+    )
     assert expected.abs().sum() > 0
     torch.testing.assert_close(in_step, expected, rtol=1e-5, atol=1e-7)
 

@@ -21,31 +21,57 @@ from safetensors.torch import load_file
 
 ITERATIONS = 4
 RUN = [
-    f"iterations={ITERATIONS}", "data.prompts_per_iteration=8", "data.group_size=4", "data.mini_batch_rows=8",
-    "data.micro_batch_rows=3", "max_response_len=40", "spear.buffer_size=3", "tool=unsafe",
-    "data.agent._target_=rank_agent.DeterministicAgent", "callbacks.validation.every_n_iterations=2",
-    "data.val_max_problems=8", "data.val_group_size=4", "trainer=ddp", "trainer.accelerator=cpu",
-    "trainer.logger=null", "+callbacks.rows._target_=rank_agent.RowLog",
+    f"iterations={ITERATIONS}",
+    "data.prompts_per_iteration=8",
+    "data.group_size=4",
+    "data.mini_batch_rows=8",
+    "data.micro_batch_rows=3",
+    "max_response_len=40",
+    "spear.buffer_size=3",
+    "tool=unsafe",
+    "data.agent._target_=rank_agent.DeterministicAgent",
+    "callbacks.validation.every_n_iterations=2",
+    "data.val_max_problems=8",
+    "data.val_group_size=4",
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.logger=null",
+    "+callbacks.rows._target_=rank_agent.RowLog",
     # Clip-Cov's random token pick is per micro-batch by definition (SPEAR_SPEC §3.2: k = ratio·Σm of the
     # micro-batch, covariance centred on its means), so it follows how rows are split into micro-batches,
     # on one rank too. Bounds no token reaches leave Clip-Cov = the clipped PPO objective here; every
     # other part of SPEAR (filters, advantages, P50, replay, SIL coefficient, tool bonus) runs as configured.
-    "loss.terms.policy.objective.lb=1e9", "loss.terms.policy.objective.ub=2e9",
-    "loss.terms.policy.replay_objective.lb=1e9", "loss.terms.policy.replay_objective.ub=2e9",
+    "loss.terms.policy.objective.lb=1e9",
+    "loss.terms.policy.objective.ub=2e9",
+    "loss.terms.policy.replay_objective.lb=1e9",
+    "loss.terms.policy.replay_objective.ub=2e9",
 ]
 # columns that legitimately differ: wall-clock timings and speeds
 TIMING = ("perf/",)
 
 
 def _run(world: int, out):
-    args = [*RUN, f"trainer.devices={world}", f"run_dir={out}", f"+callbacks.rows.out_dir={out}/rows",
-            f"hydra.run.dir={out}/hydra"]
+    args = [
+        *RUN,
+        f"trainer.devices={world}",
+        f"run_dir={out}",
+        f"+callbacks.rows.out_dir={out}/rows",
+        f"hydra.run.dir={out}/hydra",
+    ]
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    steps = sorted(tuple(r) for k in range(world) for r in json.loads((out / "rows" / f"rows{k}.json").read_text()))
+    steps = sorted(
+        tuple(r) for k in range(world) for r in json.loads((out / "rows" / f"rows{k}.json").read_text())
+    )
     params = load_file(out / "policy_hf" / "model.safetensors")
     return rows, steps, params
 
@@ -68,12 +94,14 @@ def test_decisions_metrics_and_parameters_do_not_depend_on_the_number_of_ranks(t
                     continue
                 x, y = float(a[k]), float(v)
                 # float sums in another order (gradient all-reduce, metric all-reduce): relative 1e-4
-                assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) or (math.isnan(x) and math.isnan(y)), \
+                assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) or (math.isnan(x) and math.isnan(y)), (
                     f"world {w}, iteration {b['iteration']}, {k}: {x} vs {y}"
+                )
         # parameters after 4 iterations: the same up to float summation order (see the tolerance note above)
         for name, p in params1.items():
-            assert torch.allclose(params[name], p, rtol=1e-4, atol=1e-6), \
+            assert torch.allclose(params[name], p, rtol=1e-4, atol=1e-6), (
                 f"world {w}: {name} differs by {float((params[name] - p).abs().max()):.2e}"
+            )
         changed = any(not torch.equal(p, q) for p, q in zip(params1.values(), _initial().values()))
         assert changed  # the policy was trained
 

@@ -29,9 +29,18 @@ def sampling_checkpoint(path: str | Path) -> Path:
     """A tiny Qwen2 (head_dim 32, so vLLM-CPU runs it too) whose generation config asks for everything an
     engine must ignore, with attention dropout 0.3; tied embeddings x3 make the next-token distribution
     peaked enough (entropy ~3.8 nats) that a repetition penalty visibly moves it."""
-    src = PolicySource(None, tiny={"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "num_hidden_layers": 2, "intermediate_size": 256, "attention_dropout": 0.3},
-                       init_seed=3)
+    src = PolicySource(
+        None,
+        tiny={
+            "hidden_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 2,
+            "intermediate_size": 256,
+            "attention_dropout": 0.3,
+        },
+        init_seed=3,
+    )
     model = src.model()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(3.0)
@@ -125,9 +134,16 @@ def test_hf_engine_samples_exactly_softmax_over_temperature_with_top_p(ckpt, tem
     with torch.no_grad():
         model.eval()
         ids = torch.tensor([prompt] * (SAMPLES // 3))
-        old = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=True,
-                             temperature=temperature, top_p=None if top_p >= 1 else top_p, top_k=None,
-                             pad_token_id=tok.pad_token_id)
+        old = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=1,
+            do_sample=True,
+            temperature=temperature,
+            top_p=None if top_p >= 1 else top_p,
+            top_k=None,
+            pad_token_id=tok.pad_token_id,
+        )
     f_old = frequencies(old[:, -1].tolist(), len(p))
     old_bound = tv_bound(p, sets, SAMPLES // 3)  # measured: TV 0.42 (T=1) and 0.95 (T=0.7, top-p 0.9)
     assert tv(f_old, p, sets) > 2 * old_bound, (tv(f_old, p, sets), old_bound)
@@ -146,19 +162,26 @@ def test_hf_engine_greedy_is_the_argmax_despite_the_checkpoint_config(ckpt):
             ids.append(int(model.eval()(torch.tensor([ids])).logits[0, -1].argmax()))
             if ids[-1] == tok.eos_token_id:
                 break
-    assert out == ids[len(prompt):]
+    assert out == ids[len(prompt) :]
 
 
 def test_old_logprobs_are_computed_with_dropout_off(ckpt):
     from spear_lit.batch import TokenBatch
     from spear_lit.training.module import PolicyLearner
 
-    learner = PolicyLearner(PolicySource(str(ckpt)), {"none": lambda *a, **k: None}, lambda p: torch.optim.SGD(p, lr=0.0))
+    learner = PolicyLearner(
+        PolicySource(str(ckpt)), {"none": lambda *a, **k: None}, lambda p: torch.optim.SGD(p, lr=0.0)
+    )
     learner.configure_model()
     assert learner.model.training  # the learner holds the policy in train mode
     tok = PolicySource(str(ckpt)).tokenizer()
     prompt = probe_prompt(learner.model, tok)
-    row = {"prompt_ids": prompt[:-5], "response_ids": prompt[-5:], "response_mask": [1] * 5, "old_logp": [0.0] * 5}
+    row = {
+        "prompt_ids": prompt[:-5],
+        "response_ids": prompt[-5:],
+        "response_mask": [1] * 5,
+        "old_logp": [0.0] * 5,
+    }
     batch = TokenBatch.from_rows([row, row], pad_id=tok.pad_token_id, advantages=torch.zeros(2))
     torch.manual_seed(0)
     a, b = (learner.old_logprobs([batch])[0] for _ in range(2))
@@ -174,7 +197,9 @@ def test_the_rl_learner_trains_without_dropout(ckpt):
     """The update's log-probs must come from the distribution that sampled (and gave old_logp): dropout off."""
     from spear_lit.training.module import PolicyLearner
 
-    learner = PolicyLearner(PolicySource(str(ckpt)), {"none": lambda *a, **k: None}, lambda p: torch.optim.SGD(p, lr=0.0))
+    learner = PolicyLearner(
+        PolicySource(str(ckpt)), {"none": lambda *a, **k: None}, lambda p: torch.optim.SGD(p, lr=0.0)
+    )
     learner.configure_model()
     assert learner.model.training  # train mode, yet deterministic
     tok = PolicySource(str(ckpt)).tokenizer()

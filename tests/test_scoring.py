@@ -11,28 +11,60 @@ from omegaconf import OmegaConf
 from datamodules import scoring, variants
 from spear_lit.batch import Sample
 
-FILTERS = {"overlong": variants.overlong, "incomplete": variants.incomplete, "repetitive": variants.repetitive,
-           "unreadable": variants.unreadable}
+FILTERS = {
+    "overlong": variants.overlong,
+    "incomplete": variants.incomplete,
+    "repetitive": variants.repetitive,
+    "unreadable": variants.unreadable,
+}
 
 
-def _sample(group=0, episode=0, score=1.0, *, response=(5, 6), text="ok", incomplete=False, calls=0, success=None,
-            anchor=None, step_return=0.0, episode_score=None):
-    return Sample(prompt_ids=[1, 2], response_ids=list(response), response_mask=[1] * len(response), group=group,
-                  episode=episode, score=score, success=score > 0 if success is None else success,
-                  num_tool_calls=calls, incomplete=incomplete, text=text, anchor=anchor, step_return=step_return,
-                  episode_score=episode_score)
+def _sample(
+    group=0,
+    episode=0,
+    score=1.0,
+    *,
+    response=(5, 6),
+    text="ok",
+    incomplete=False,
+    calls=0,
+    success=None,
+    anchor=None,
+    step_return=0.0,
+    episode_score=None,
+):
+    return Sample(
+        prompt_ids=[1, 2],
+        response_ids=list(response),
+        response_mask=[1] * len(response),
+        group=group,
+        episode=episode,
+        score=score,
+        success=score > 0 if success is None else success,
+        num_tool_calls=calls,
+        incomplete=incomplete,
+        text=text,
+        anchor=anchor,
+        step_return=step_return,
+        episode_score=episode_score,
+    )
 
 
 def test_each_filter_flags_exactly_its_rows():
-    samples = [_sample(response=[7] * 4),                   # overlong at L = 4 (a truncated reply reaches L exactly)
-               _sample(response=[7] * 3, incomplete=True),  # incomplete
-               _sample(response=[3] * 29),                  # one 20-gram 10 times (29 = 20 + 9): repetitive
-               _sample(response=[3] * 28),                  # 9 times: not repetitive (but overlong)
-               _sample(text="a \ufffd b")]                  # unreadable
+    samples = [
+        _sample(response=[7] * 4),  # overlong at L = 4 (a truncated reply reaches L exactly)
+        _sample(response=[7] * 3, incomplete=True),  # incomplete
+        _sample(response=[3] * 29),  # one 20-gram 10 times (29 = 20 + 9): repetitive
+        _sample(response=[3] * 28),  # 9 times: not repetitive (but overlong)
+        _sample(text="a \ufffd b"),
+    ]  # unreadable
     flags = scoring.filter_flags(samples, FILTERS, max_response_len=4)
     assert {k: v.tolist() for k, v in flags.items()} == {
-        "overlong": [True, False, True, True, False], "incomplete": [False, True, False, False, False],
-        "repetitive": [False, False, True, False, False], "unreadable": [False, False, False, False, True]}
+        "overlong": [True, False, True, True, False],
+        "incomplete": [False, True, False, False, False],
+        "repetitive": [False, False, True, False, False],
+        "unreadable": [False, False, False, False, True],
+    }
     assert variants.repetitive(samples, 4, n=2, threshold=3).tolist() == [True, False, True, True, False]
 
 
@@ -48,24 +80,39 @@ def test_rewards_add_the_bonus_to_the_row_and_to_the_trajectory():
 
 
 def test_group_and_anchor_ids():
-    samples = [_sample(group=0, anchor="A"), _sample(group=0, anchor="B"), _sample(group=1, anchor="A"),
-               _sample(group=0, anchor="A"), _sample(group=1)]
-    assert scoring.group_ids(samples, t=3, prompts_per_iteration=4).tolist() == [12, 12, 13, 12, 13]  # t*B + group
+    samples = [
+        _sample(group=0, anchor="A"),
+        _sample(group=0, anchor="B"),
+        _sample(group=1, anchor="A"),
+        _sample(group=0, anchor="A"),
+        _sample(group=1),
+    ]
+    assert scoring.group_ids(samples, t=3, prompts_per_iteration=4).tolist() == [
+        12,
+        12,
+        13,
+        12,
+        13,
+    ]  # t*B + group
     # (0,A)=0, (0,B)=1, (1,A)=2: equal text in another group is another step group; no anchor: -1 - index
     assert scoring.anchor_ids(samples).tolist() == [0, 1, 2, 0, -5]
 
 
 def test_a_filtered_row_keeps_its_tokens_with_a_zero_loss_mask():
     samples = [_sample(response=[5, 6, 7]), _sample(response=[5, 6, 7, 8], score=-1.0)]
-    rows = scoring.score_rows(samples, 1, prompts_per_iteration=2, max_response_len=4,
-                              filters={"overlong": variants.overlong})
+    rows = scoring.score_rows(
+        samples, 1, prompts_per_iteration=2, max_response_len=4, filters={"overlong": variants.overlong}
+    )
     assert rows.flags["overlong"].tolist() == [False, True]
     assert [d["response_mask"] for d in rows.dicts] == [[1, 1, 1], [0, 0, 0, 0]]
     assert [d["response_ids"] for d in rows.dicts] == [[5, 6, 7], [5, 6, 7, 8]]
     assert [d["reward"] for d in rows.dicts] == [1.0, -1.0] and [d["group_id"] for d in rows.dicts] == [2, 2]
     assert rows.traj_rewards.tolist() == [1.0, -1.0]  # group statistics still see the filtered row
     unfiltered = scoring.score_rows(samples, 1, prompts_per_iteration=2, max_response_len=4, filters={})
-    assert unfiltered.flags == {} and [d["response_mask"] for d in unfiltered.dicts] == [[1, 1, 1], [1, 1, 1, 1]]
+    assert unfiltered.flags == {} and [d["response_mask"] for d in unfiltered.dicts] == [
+        [1, 1, 1],
+        [1, 1, 1, 1],
+    ]
 
 
 def test_a_filter_of_the_wrong_shape_is_named():
@@ -73,10 +120,13 @@ def test_a_filter_of_the_wrong_shape_is_named():
         scoring.filter_flags([_sample(), _sample()], {"half": lambda s, n: torch.tensor([True])}, 4)
 
 
-@pytest.mark.parametrize("entry, words", [
-    (True, ["data.filters.x=True", "_target_", "+filter@data.filters.overlong=overlong"]),
-    (variants.standard_bonus, ["data.filters.x", "weight", "called as (samples, max_response_len)"]),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        (True, ["data.filters.x=True", "_target_", "+filter@data.filters.overlong=overlong"]),
+        (variants.standard_bonus, ["data.filters.x", "weight", "called as (samples, max_response_len)"]),
+    ],
+)
 def test_an_entry_that_is_not_a_filter_is_refused_by_name(entry, words):
     with pytest.raises(ValueError) as err:
         scoring.check_filters({"x": entry}, 8)

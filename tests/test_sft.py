@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spear_lit.policy import PolicySource
 from spear_lit.batch import TokenBatch
+from spear_lit.policy import PolicySource
 from spear_lit.training.sft import SFTLearner
 
 
@@ -17,9 +17,13 @@ def _rows(n: int = 5, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         p, t = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
-        rows.append({"prompt_ids": torch.randint(0, 256, (p,), generator=g).tolist(),
-                     "response_ids": torch.randint(0, 256, (t,), generator=g).tolist(),
-                     "response_mask": (torch.rand(t, generator=g) > 0.3).int().tolist()})
+        rows.append(
+            {
+                "prompt_ids": torch.randint(0, 256, (p,), generator=g).tolist(),
+                "response_ids": torch.randint(0, 256, (t,), generator=g).tolist(),
+                "response_mask": (torch.rand(t, generator=g) > 0.3).int().tolist(),
+            }
+        )
     rows[0]["response_mask"][0] = 1  # at least one response target
     return rows
 
@@ -37,8 +41,11 @@ def _expected(model, rows: list[dict], w: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("w", [0.0, 0.1, 1.0])
 def test_sft_loss_is_the_weighted_mean_next_token_loss(w):
-    learner = SFTLearner(PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
-                         lambda p: torch.optim.SGD(p, lr=0.0), prompt_loss_weight=w)
+    learner = SFTLearner(
+        PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
+        lambda p: torch.optim.SGD(p, lr=0.0),
+        prompt_loss_weight=w,
+    )
     learner.configure_model()
     learner.log = lambda *a, **k: None  # no trainer attached
     rows = _rows()
@@ -51,5 +58,8 @@ def test_sft_loss_is_the_weighted_mean_next_token_loss(w):
 
 def test_negative_prompt_loss_weight_is_refused():
     with pytest.raises(ValueError, match="prompt_loss_weight"):
-        SFTLearner(PolicySource(tiny={"hidden_size": 32}), lambda p: torch.optim.SGD(p, lr=0.0),
-                   prompt_loss_weight=-0.1)
+        SFTLearner(
+            PolicySource(tiny={"hidden_size": 32}),
+            lambda p: torch.optim.SGD(p, lr=0.0),
+            prompt_loss_weight=-0.1,
+        )

@@ -20,8 +20,12 @@ class ScriptedEngine:
         self.calls.append(list(max_new_tokens))
         out = []
         for p, budget in zip(prompts, max_new_tokens):
-            k = sum(1 for t in p if t == TOK.convert_tokens_to_ids("<|im_start|>")) - 2  # assistant turns so far
-            ids = TOK(self.turns[min(k, len(self.turns) - 1)], add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+            k = (
+                sum(1 for t in p if t == TOK.convert_tokens_to_ids("<|im_start|>")) - 2
+            )  # assistant turns so far
+            ids = TOK(self.turns[min(k, len(self.turns) - 1)], add_special_tokens=False)["input_ids"] + [
+                TOK.eos_token_id
+            ]
             out.append(ids[:budget])
         return out
 
@@ -44,7 +48,7 @@ def test_tool_call_then_answer_appends_the_observation_with_mask_zero():
     obs = observation_ids(TOK, ["ran 10 chars"])
     assert ep.response_ids[: len(first) + len(obs)] == first + obs
     assert ep.response_mask[: len(first)] == [1] * len(first)
-    assert ep.response_mask[len(first): len(first) + len(obs)] == [0] * len(obs)
+    assert ep.response_mask[len(first) : len(first) + len(obs)] == [0] * len(obs)
     assert (ep.num_turns, ep.num_tool_calls, ep.finished) == (2, 1, True)
     assert ep.last_turn_text == "The answer is \\boxed{6}."
 

@@ -17,8 +17,15 @@ from callbacks.report import SPEC_METRICS
 
 
 def _run(args, timeout=600, **kw):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args, *_hydra_dir(args)], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, *_hydra_dir(args)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _hydra_dir(args) -> list[str]:
@@ -28,8 +35,14 @@ def _hydra_dir(args) -> list[str]:
 
 
 def test_train_py_end_to_end_leaves_metrics_plot_summary_and_hf_policy(tmp_path):
-    proc = _run([*TINY_RUN_WITH_VALIDATION, "iterations=2", f"run_dir={tmp_path}",
-                 "callbacks.validation.every_n_iterations=1"])
+    proc = _run(
+        [
+            *TINY_RUN_WITH_VALIDATION,
+            "iterations=2",
+            f"run_dir={tmp_path}",
+            "callbacks.validation.every_n_iterations=1",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "spear_lit run summary" in proc.stdout and "success rate" in proc.stdout
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -39,11 +52,23 @@ def test_train_py_end_to_end_leaves_metrics_plot_summary_and_hf_policy(tmp_path)
     assert "val/arith/accuracy" in rows[0] and "val/arith/accuracy_sampled" in rows[0]
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     from spear_lit.policy import PolicySource
+
     model = PolicySource(str(tmp_path / "policy_hf")).model()
     assert sum(p.numel() for p in model.parameters()) > 100_000
     # any Lightning checkpoint exports to the same Hugging Face policy
-    out = subprocess.run([sys.executable, "-m", "spear_lit.training.export", str(tmp_path / "checkpoints" / "last.ckpt"),
-                          str(tmp_path / "exported")], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spear_lit.training.export",
+            str(tmp_path / "checkpoints" / "last.ckpt"),
+            str(tmp_path / "exported"),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     exported = PolicySource(str(tmp_path / "exported")).model()
     for (name, a), (_, b) in zip(model.state_dict().items(), exported.state_dict().items()):
@@ -52,9 +77,18 @@ def test_train_py_end_to_end_leaves_metrics_plot_summary_and_hf_policy(tmp_path)
 
 def test_two_ranks_run_identical_steps_with_uneven_filtering_and_replay_and_resume_own_buffers(tmp_path):
     """DDP (gloo) on 2 CPU processes; rank 1 masks out half of its rows. Then resume on 2 ranks."""
-    common = [*TINY_RUN, "trainer=ddp", "trainer.accelerator=cpu", "spear.buffer_size=1", "data.prompts_per_iteration=8",
-              "+data.filters.asym={_target_:helpers.odd_rows_on_rank,_partial_:true}", "+callbacks.log._target_=helpers.StepLog"]
-    common.append(f"+callbacks.log.out_dir={tmp_path}/log")  # the same in both runs: a resume keeps the callbacks
+    common = [
+        *TINY_RUN,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "spear.buffer_size=1",
+        "data.prompts_per_iteration=8",
+        "+data.filters.asym={_target_:helpers.odd_rows_on_rank,_partial_:true}",
+        "+callbacks.log._target_=helpers.StepLog",
+    ]
+    common.append(
+        f"+callbacks.log.out_dir={tmp_path}/log"
+    )  # the same in both runs: a resume keeps the callbacks
     first = _run([*common, "iterations=5", f"run_dir={tmp_path}/a"])
     assert first.returncode == 0, first.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / "log" / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -75,12 +109,22 @@ def test_two_ranks_run_identical_steps_with_uneven_filtering_and_replay_and_resu
 
 def test_fsdp2_on_two_cpu_processes_trains_and_exports(tmp_path):
     """ModelParallelStrategy (FSDP2, fully_shard per decoder layer) with gloo: sharded generate, update, export."""
-    proc = _run([*TINY_RUN, "trainer=fsdp", "trainer.accelerator=cpu", "iterations=2", f"run_dir={tmp_path}",
-                 "+callbacks.log._target_=helpers.StepLog", f"+callbacks.log.out_dir={tmp_path}/log"])
+    proc = _run(
+        [
+            *TINY_RUN,
+            "trainer=fsdp",
+            "trainer.accelerator=cpu",
+            "iterations=2",
+            f"run_dir={tmp_path}",
+            "+callbacks.log._target_=helpers.StepLog",
+            f"+callbacks.log.out_dir={tmp_path}/log",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / "log" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["steps"] == r1["steps"] and r0["global_step"] == r1["global_step"] > 0
     from spear_lit.policy import PolicySource
+
     exported = PolicySource(str(tmp_path / "policy_hf")).model()
     shipped = PolicySource("builtin:tiny-math-sft").model()
     changed = [not torch.equal(a, b) for a, b in zip(exported.parameters(), shipped.parameters())]
@@ -90,9 +134,14 @@ def test_fsdp2_on_two_cpu_processes_trains_and_exports(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     args = [*TINY_RUN, "iterations=50", f"run_dir={tmp_path}"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, *_hydra_dir(args)], cwd=REPO,
-                            env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, *_hydra_dir(args)],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:
         time.sleep(0.5)

@@ -57,14 +57,17 @@ def test_bind_without_vllm_says_how_to_install(monkeypatch, tiny_dir):
     assert "pip install -e .[gpu]" in INSTALL_HINT
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"tensor_parallel_size": 0}, "rollout.tensor_parallel_size"),
-    ({"gpu_memory_utilization": 1.5}, "rollout.gpu_memory_utilization"),
-    ({"kv_cache_memory_bytes": 0}, "rollout.kv_cache_memory_bytes"),
-    ({"dtype": "int3"}, "rollout.dtype"),
-    ({"sleep_level": 3}, "rollout.sleep_level"),
-    ({"load_format": "pt"}, "rollout.load_format"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"tensor_parallel_size": 0}, "rollout.tensor_parallel_size"),
+        ({"gpu_memory_utilization": 1.5}, "rollout.gpu_memory_utilization"),
+        ({"kv_cache_memory_bytes": 0}, "rollout.kv_cache_memory_bytes"),
+        ({"dtype": "int3"}, "rollout.dtype"),
+        ({"sleep_level": 3}, "rollout.sleep_level"),
+        ({"load_format": "pt"}, "rollout.load_format"),
+    ],
+)
 def test_invalid_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         VLLMEngine(**kwargs)
@@ -97,7 +100,10 @@ class _FakeLLM:
         self.kwargs, self.calls, self.params = kwargs, [], []
         self.model = _FakeModel()
         self.worker = types.SimpleNamespace(  # vLLM's Worker.reload_weights API, recorded
-            reload_weights=lambda weights_iterator, is_checkpoint_format: self.model.load_weights(weights_iterator))
+            reload_weights=lambda weights_iterator, is_checkpoint_format: self.model.load_weights(
+                weights_iterator
+            )
+        )
 
     def collective_rpc(self, fn, args=(), kwargs=None):
         self.calls.append("load")
@@ -178,8 +184,16 @@ def test_generate_samples_the_full_distribution_and_trims_at_eos_and_budget(fake
     assert out == [[eos - 2, eos - 1, eos], [9, 10]]
     p = eng.llm.params
     assert [x.max_tokens for x in p] == budgets
-    assert all(x.top_k == 0 and x.min_p == 0.0 and x.repetition_penalty == 1.0 and x.presence_penalty == 0.0
-               and x.frequency_penalty == 0.0 and x.stop_token_ids == [eos] and x.detokenize is False for x in p)
+    assert all(
+        x.top_k == 0
+        and x.min_p == 0.0
+        and x.repetition_penalty == 1.0
+        and x.presence_penalty == 0.0
+        and x.frequency_penalty == 0.0
+        and x.stop_token_ids == [eos]
+        and x.detokenize is False
+        for x in p
+    )
     assert all(x.temperature == 1.0 and x.top_p == 0.6 for x in p)
     torch.manual_seed(123)  # per-request seeds come from torch's generator: a resumed run redraws them
     eng.generate(prompts, max_new_tokens=budgets)
@@ -200,8 +214,15 @@ def test_sleep_mode_frees_memory_between_rollouts_and_wakes_around_the_sync(fake
         eng.generate([[1]], max_new_tokens=[1])
     eng.sync_weights()
     # weights come back first (and are overwritten), the KV cache only after the new weights are in
-    assert eng.llm.calls == ["load", "reset_prefix_cache", "sleep2", "wake_up:weights", "load",
-                             "wake_up:kv_cache", "reset_prefix_cache"]
+    assert eng.llm.calls == [
+        "load",
+        "reset_prefix_cache",
+        "sleep2",
+        "wake_up:weights",
+        "load",
+        "wake_up:kv_cache",
+        "reset_prefix_cache",
+    ]
     assert eng.generate([[1]], max_new_tokens=[1]) == [[2]]
 
 
@@ -214,9 +235,16 @@ def test_a_policy_without_a_directory_needs_model_path(fake_vllm):
 # ---------------------------------------------------------------- real vLLM (CPU build), in subprocesses
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [  # tests/helpers.py TINY_RUN sizes: 4 prompts x 4 rollouts, short episodes, no validation
-    "data.prompts_per_iteration=4", "data.group_size=4", "data.mini_batch_rows=8", "data.micro_batch_rows=4",
-    "max_response_len=160", "data.agent.max_turns=3", "spear.buffer_size=2", "trainer.logger=null",
-    "tool.num_workers=2", "~callbacks.validation",
+    "data.prompts_per_iteration=4",
+    "data.group_size=4",
+    "data.mini_batch_rows=8",
+    "data.micro_batch_rows=4",
+    "max_response_len=160",
+    "data.agent.max_turns=3",
+    "spear.buffer_size=2",
+    "trainer.logger=null",
+    "tool.num_workers=2",
+    "~callbacks.validation",
 ]
 
 
@@ -227,9 +255,17 @@ def _env() -> dict:
 
 
 def _train(tmp_path, *args, timeout=600) -> subprocess.CompletedProcess:
-    run = [sys.executable, str(REPO / "train.py"), "rollout=vllm_cpu", *TINY_RUN, *args, f"run_dir={tmp_path}",
-           f"hydra.run.dir={tmp_path}/hydra", "+callbacks.spy._target_=test_vllm_engine.VLLMOnPolicyDump",
-           f"+callbacks.spy.out_dir={tmp_path}/spy"]
+    run = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "rollout=vllm_cpu",
+        *TINY_RUN,
+        *args,
+        f"run_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}/hydra",
+        "+callbacks.spy._target_=test_vllm_engine.VLLMOnPolicyDump",
+        f"+callbacks.spy.out_dir={tmp_path}/spy",
+    ]
     return subprocess.run(run, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -248,8 +284,14 @@ def probe(tmp_path_factory) -> dict:
     out.parent.mkdir(exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not out.exists():
-            proc = subprocess.run([sys.executable, __file__, "probe", str(out)], cwd=REPO, env=_env(),
-                                  capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(
+                [sys.executable, __file__, "probe", str(out)],
+                cwd=REPO,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -289,7 +331,9 @@ class TestRealVLLM:
         r = probe["sampling"][key]
         assert r["tv"] < r["bound"], r
 
-    def test_train_py_with_vllm_cpu_runs_end_to_end_and_samples_from_the_previous_iterations_weights(self, tmp_path):
+    def test_train_py_with_vllm_cpu_runs_end_to_end_and_samples_from_the_previous_iterations_weights(
+        self, tmp_path
+    ):
         proc = _train(tmp_path, "iterations=3")
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "spear_lit run summary" in proc.stdout
@@ -298,7 +342,9 @@ class TestRealVLLM:
         spy = json.loads((tmp_path / "spy" / "rank0.json").read_text())
         assert {t for t, _ in spy["at_generation"]} == {1, 2, 3}
         for t, digest in spy["at_generation"]:
-            assert digest == spy["after_iteration"][str(t - 1)], f"iteration {t} sampled from stale or future weights"
+            assert digest == spy["after_iteration"][str(t - 1)], (
+                f"iteration {t} sampled from stale or future weights"
+            )
         assert len(set(spy["after_iteration"].values())) == 4  # every iteration changed the policy
         # ... and vLLM really holds those weights: its log-probs equal the trainer's at every generate call
         assert spy["probe_diffs"] and max(spy["probe_diffs"]) <= TOL, spy["probe_diffs"]
@@ -327,7 +373,9 @@ def test_vllm_receives_the_trained_weights_and_matches_hf_greedy(tiny_dir):
     model, tok = src.model().cuda(), src.tokenizer()
     eng = VLLMEngine(gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True, sleep_level=1)
     eng.bind(model, tok)
-    with torch.no_grad():  # the trainer's weights differ from the directory's: only a sync can explain a match
+    with (
+        torch.no_grad()
+    ):  # the trainer's weights differ from the directory's: only a sync can explain a match
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
         # tied embeddings x50 scale the logits x50 (the residual stream is RMS-normalised before lm_head):
@@ -336,7 +384,11 @@ def test_vllm_receives_the_trained_weights_and_matches_hf_greedy(tiny_dir):
     eng.sync_weights()
 
     def vllm_sums(worker):
-        m = worker.model_runner.get_model() if hasattr(worker.model_runner, "get_model") else worker.model_runner.model
+        m = (
+            worker.model_runner.get_model()
+            if hasattr(worker.model_runner, "get_model")
+            else worker.model_runner.model
+        )
         return {n: float(p.float().sum()) for n, p in m.named_parameters()}
 
     sums = eng.llm.collective_rpc(vllm_sums)[0]
@@ -383,8 +435,11 @@ def vllm_logprobs(engine, seq: list[int]) -> torch.Tensor:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    out = engine.llm.generate([TokensPrompt(prompt_token_ids=seq)],
-                              SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
+    out = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=seq)],
+        SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+        use_tqdm=False,
+    )
     pl = out[0].prompt_logprobs
     return torch.tensor([pl[i][seq[i]].logprob for i in range(1, len(seq))])
 
@@ -417,9 +472,13 @@ class VLLMOnPolicyDump(OnPolicySpy):
 
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
-        record = {"at_generation": self.at_generation, "after_iteration": self.after_iteration,
-                  "probe_diffs": self.probe_diffs, "first_prompts": self.first_prompts,
-                  "iterations_done": trainer.datamodule.iteration}
+        record = {
+            "at_generation": self.at_generation,
+            "after_iteration": self.after_iteration,
+            "probe_diffs": self.probe_diffs,
+            "first_prompts": self.first_prompts,
+            "iterations_done": trainer.datamodule.iteration,
+        }
         (self.out / f"rank{self.rank}.json").write_text(json.dumps(record))
 
 
@@ -443,10 +502,13 @@ def _probe(out: Path) -> None:
     res["errors"] = {}
     head16 = PolicySource(None, tiny={"hidden_size": 64})  # 4 heads of 16
     small = save_hf(head16.model(), head16.tokenizer(), out.parent / "head16")
-    cases = {"sleep_level": ({"sleep_level": 1}, model), "dtype": ({"dtype": "bfloat16"}, model),
-             "kv_cache_memory_bytes": ({"kv_cache_memory_bytes": None}, model),
-             "enable_chunked_prefill": ({"enable_chunked_prefill": None}, model),
-             "head_dim": ({}, PolicySource(str(small)).model())}
+    cases = {
+        "sleep_level": ({"sleep_level": 1}, model),
+        "dtype": ({"dtype": "bfloat16"}, model),
+        "kv_cache_memory_bytes": ({"kv_cache_memory_bytes": None}, model),
+        "enable_chunked_prefill": ({"enable_chunked_prefill": None}, model),
+        "head_dim": ({}, PolicySource(str(small)).model()),
+    }
     for key, (kw, m) in cases.items():
         try:
             rollout(**kw).bind(m, tok)
@@ -466,9 +528,14 @@ def _probe(out: Path) -> None:
         p = ts.target_probs(model, prompt, temperature, top_p)
         sets = ts.buckets(p)
         torch.manual_seed(0)
-        got = eng.generate([prompt] * ts.SAMPLES, max_new_tokens=[1] * ts.SAMPLES, temperature=temperature, top_p=top_p)
+        got = eng.generate(
+            [prompt] * ts.SAMPLES, max_new_tokens=[1] * ts.SAMPLES, temperature=temperature, top_p=top_p
+        )
         f = ts.frequencies([g[0] for g in got], len(p))
-        res["sampling"][f"t{temperature}_p{top_p}"] = {"tv": ts.tv(f, p, sets), "bound": ts.tv_bound(p, sets, ts.SAMPLES)}
+        res["sampling"][f"t{temperature}_p{top_p}"] = {
+            "tv": ts.tv(f, p, sets),
+            "bound": ts.tv_bound(p, sets, ts.SAMPLES),
+        }
 
     # weight sync: exact after sync_weights, stale before it
     seq = ts.probe_prompt(model, tok) + tok(" The answer is 46.", add_special_tokens=False)["input_ids"]
@@ -482,9 +549,15 @@ def _probe(out: Path) -> None:
     eng.sync_weights()
     v1 = vllm_logprobs(eng, seq)
     d = lambda a, b: float((a - b).abs().max())  # noqa: E731
-    res["sync"] = {"first_sync": d(v0, t0), "trainer_moved": d(t1, t0), "stale_vs_trainer": d(stale, t1),
-                   "stale_vs_before": d(stale, v0), "synced_vs_trainer": d(v1, t1), "synced_vs_before": d(v1, v0),
-                   "sync_s": eng.last_sync_s}
+    res["sync"] = {
+        "first_sync": d(v0, t0),
+        "trainer_moved": d(t1, t0),
+        "stale_vs_trainer": d(stale, t1),
+        "stale_vs_before": d(stale, v0),
+        "synced_vs_trainer": d(v1, t1),
+        "synced_vs_before": d(v1, v0),
+        "sync_s": eng.last_sync_s,
+    }
 
     # release: vLLM-CPU has no sleep mode; the engine says so and stays usable
     records: list[str] = []
@@ -493,8 +566,11 @@ def _probe(out: Path) -> None:
     logging.getLogger("spear_lit.rollout.vllm_engine").addHandler(handler)
     logging.getLogger("spear_lit.rollout.vllm_engine").setLevel(logging.INFO)
     eng.release()
-    res["release"] = {"log": records, "asleep": eng.asleep,
-                      "generated_after_release": bool(eng.generate([seq[:5]], max_new_tokens=[3]))}
+    res["release"] = {
+        "log": records,
+        "asleep": eng.asleep,
+        "generated_after_release": bool(eng.generate([seq[:5]], max_new_tokens=[3])),
+    }
 
     out.write_text(json.dumps(res, indent=1))
 

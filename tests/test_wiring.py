@@ -7,8 +7,8 @@ from helpers import TINY_RUN, OnPolicySpy, compose_cfg
 from hydra.utils import instantiate
 
 from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm, token_mean
-from spear_lit.policy import PolicySource
 from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
+from spear_lit.policy import PolicySource
 from spear_lit.training import EntropyTerm, PolicyLearner, PolicyTerm
 from train import train
 
@@ -24,8 +24,11 @@ def test_rollouts_use_the_weights_after_the_previous_iteration(tmp_path):
 
 
 def _learner(terms: dict) -> PolicyLearner:
-    learner = PolicyLearner(PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}), terms,
-                            lambda p: torch.optim.SGD(p, lr=0.0))
+    learner = PolicyLearner(
+        PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
+        terms,
+        lambda p: torch.optim.SGD(p, lr=0.0),
+    )
     learner.configure_model()
     return learner
 
@@ -35,10 +38,14 @@ def _random_batch(n: int, seed: int = 0) -> TokenBatch:
     rows = []
     for _ in range(n):
         p, t = int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
-        rows.append({"prompt_ids": torch.randint(0, 256, (p,), generator=g).tolist(),
-                     "response_ids": torch.randint(0, 256, (t,), generator=g).tolist(),
-                     "response_mask": (torch.rand(t, generator=g) > 0.3).int().tolist(),
-                     "old_logp": (-5.5 + 0.3 * torch.randn(t, generator=g)).tolist()})
+        rows.append(
+            {
+                "prompt_ids": torch.randint(0, 256, (p,), generator=g).tolist(),
+                "response_ids": torch.randint(0, 256, (t,), generator=g).tolist(),
+                "response_mask": (torch.rand(t, generator=g) > 0.3).int().tolist(),
+                "old_logp": (-5.5 + 0.3 * torch.randn(t, generator=g)).tolist(),
+            }
+        )
     return TokenBatch.from_rows(rows, pad_id=257, advantages=torch.randn(n, generator=g))
 
 
@@ -53,8 +60,10 @@ def _grads(learner: PolicyLearner, micro: list[TokenBatch], norm: Normalizers) -
 
 def test_gradient_is_the_same_for_one_or_several_micro_batches():
     for agg in (seq_mean_token_sum_norm, token_mean):
-        terms = {"policy": PolicyTerm(objective=lambda *a: ppo_clip_loss(*a, clip_high=0.28), aggregation=agg),
-                 "entropy": EntropyTerm(coef=0.01, aggregation=agg)}
+        terms = {
+            "policy": PolicyTerm(objective=lambda *a: ppo_clip_loss(*a, clip_high=0.28), aggregation=agg),
+            "entropy": EntropyTerm(coef=0.01, aggregation=agg),
+        }
         learner = _learner(terms)
         batch = _random_batch(8)
         norm = Normalizers(num_rows=8, num_tokens=int(batch.response_mask.sum()), max_len=16)
@@ -74,6 +83,7 @@ def test_replay_steps_follow_on_policy_with_stored_logp_replay_triple_and_coeffi
         def fn(logp, old_logp, adv, mask, **kw):
             seen.append((tag, old_logp.clone()))
             return ppo_clip_loss(logp, old_logp, adv, mask)
+
         return fn
 
     term = PolicyTerm(objective=objective("on"), aggregation=token_mean, replay_objective=objective("replay"))
@@ -93,8 +103,15 @@ def test_replay_steps_follow_on_policy_with_stored_logp_replay_triple_and_coeffi
     assert torch.allclose(grads[0.25], 0.25 * grads[1.0], atol=1e-7)
 
     # Through a real SPEAR run: replay fires, and in each iteration replay steps come after on-policy ones.
-    cfg = compose_cfg(tmp_path, [*TINY_RUN, "iterations=4", "+callbacks.log._target_=helpers.StepLog",
-                                 f"+callbacks.log.out_dir={tmp_path}/steps"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            *TINY_RUN,
+            "iterations=4",
+            "+callbacks.log._target_=helpers.StepLog",
+            f"+callbacks.log.out_dir={tmp_path}/steps",
+        ],
+    )
     _, objs = train(cfg)
     # rows enter the buffer with the old log-probs computed before the iteration's first update
     replay = objs["data"].replay
@@ -103,6 +120,7 @@ def test_replay_steps_follow_on_policy_with_stored_logp_replay_triple_and_coeffi
         m = item["response_mask"].bool()
         assert m.any() and (item["old_logp"][m] <= 0).all() and (item["old_logp"][m] < 0).any()
     import json
+
     log = json.loads((tmp_path / "steps" / "rank0.json").read_text())
     kinds = {int(t): [s.split(":")[0] for s in v] for t, v in log["steps"].items()}
     assert any("replay" in k for k in kinds.values()), kinds
@@ -138,8 +156,16 @@ def test_non_finite_loss_skips_the_step_and_is_counted():
     batch.old_logp[:] = float("nan")
     before = [p.detach().clone() for p in learner.model.parameters()]
     norm = Normalizers(num_rows=4, num_tokens=int(batch.response_mask.sum()), max_len=16)
-    trainer = instantiate({"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "logger": False,
-                           "enable_checkpointing": False, "enable_progress_bar": False, "max_epochs": 1})
+    trainer = instantiate(
+        {
+            "_target_": "lightning.pytorch.Trainer",
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "max_epochs": 1,
+        }
+    )
     mb = MiniBatch(micro_batches=[batch], kind="on_policy", norm=norm, iteration=1)
     mb.iteration_record = None
 
@@ -158,8 +184,12 @@ def test_non_finite_loss_skips_the_step_and_is_counted():
 def test_kl_term_keeps_a_frozen_reference_and_is_zero_at_the_start():
     from spear_lit.training import KLTerm
 
-    learner = _learner({"policy": PolicyTerm(objective=ppo_clip_loss, aggregation=token_mean),
-                        "kl": KLTerm(coef=0.1, aggregation=token_mean)})
+    learner = _learner(
+        {
+            "policy": PolicyTerm(objective=ppo_clip_loss, aggregation=token_mean),
+            "kl": KLTerm(coef=0.1, aggregation=token_mean),
+        }
+    )
     assert learner.ref_model is not None
     assert all(not p.requires_grad for p in learner.ref_model.parameters())
     batch = _random_batch(4, seed=3)

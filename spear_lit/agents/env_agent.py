@@ -11,9 +11,8 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from spear_lit.envs.base import TextEnv
 from spear_lit.batch import Sample
-from spear_lit.rollout.protocol import shard_range
+from spear_lit.envs.base import TextEnv
 from spear_lit.rollout.env_loop import (
     EnvEpisode,
     HistoryItem,
@@ -23,6 +22,7 @@ from spear_lit.rollout.env_loop import (
     run_env_episodes,
     step_prompt_ids,
 )
+from spear_lit.rollout.protocol import shard_range
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,24 @@ class EnvAgent:
             to learn (``webshop_tiny_*``).
     """
 
-    def __init__(self, env: Callable[..., TextEnv], prompt: StepPrompt, *, name: str = "env", max_steps: int = 15,
-                 train_split: str = "train", val_split: str = "val", eval_envs: int = 32,
-                 invalid_penalty: float = 0.1, gamma: float = 0.95, step_workers: int = 8,
-                 step_timeout_s: float | None = 120.0, reset_timeout_s: float | None = 300.0,
-                 require_think: bool = True, train_tasks: int | None = None):
+    def __init__(
+        self,
+        env: Callable[..., TextEnv],
+        prompt: StepPrompt,
+        *,
+        name: str = "env",
+        max_steps: int = 15,
+        train_split: str = "train",
+        val_split: str = "val",
+        eval_envs: int = 32,
+        invalid_penalty: float = 0.1,
+        gamma: float = 0.95,
+        step_workers: int = 8,
+        step_timeout_s: float | None = 120.0,
+        reset_timeout_s: float | None = 300.0,
+        require_think: bool = True,
+        train_tasks: int | None = None,
+    ):
         if max_steps < 1 or eval_envs < 1:
             raise ValueError("max_steps and eval_envs must be >= 1")
         if train_tasks is not None and train_tasks < 1:
@@ -68,8 +81,12 @@ class EnvAgent:
         self.train_tasks = train_tasks
         # the shortest reply that can act (a start-up size check of max_response_len)
         self.min_reply = ("<think></think>" if require_think else "") + "<action>1</action>"
-        self.loop_kw = dict(step_workers=step_workers, step_timeout_s=step_timeout_s,
-                            reset_timeout_s=reset_timeout_s, require_think=require_think)
+        self.loop_kw = dict(
+            step_workers=step_workers,
+            step_timeout_s=step_timeout_s,
+            reset_timeout_s=reset_timeout_s,
+            require_think=require_think,
+        )
         self._pools: dict[str, list[TextEnv]] = {}
         self._finalizer = weakref.finalize(self, _close_pools, self._pools)  # also at interpreter exit
         self.last_stats: dict[str, float] = {}
@@ -116,32 +133,79 @@ class EnvAgent:
 
     def _run(self, engine, tokenizer, split: str, task_ids: list[int], **kw) -> list[EnvEpisode]:
         envs = self._envs(split, len(task_ids))
-        episodes = run_env_episodes(engine, tokenizer, envs, task_ids, prompt=self.prompt,
-                                    max_steps=self.max_steps, **self.loop_kw, **kw)
+        episodes = run_env_episodes(
+            engine,
+            tokenizer,
+            envs,
+            task_ids,
+            prompt=self.prompt,
+            max_steps=self.max_steps,
+            **self.loop_kw,
+            **kw,
+        )
         self._replace_failed(split, episodes)
         return episodes
 
-    def collect(self, engine, tokenizer, *, t: int, seed: int, num_groups: int, group_size: int,
-                max_response_len: int, temperature: float, top_p: float, greedy: bool = False,
-                sync=None, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
+    def collect(
+        self,
+        engine,
+        tokenizer,
+        *,
+        t: int,
+        seed: int,
+        num_groups: int,
+        group_size: int,
+        max_response_len: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool = False,
+        sync=None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> list[Sample]:
         """One row per step of this rank's share of ``num_groups × group_size`` episodes (tasks drawn once
         for all ranks from ``seed``, then sharded); a group's episodes share a task id."""
         lo, hi = shard_range(num_groups, shard)
         tasks = self.draw_tasks(seed, num_groups)[lo:hi]
         task_ids = [task for task in tasks for _ in range(group_size)]
-        episodes = self._run(engine, tokenizer, self.train_split, task_ids, max_response_len=max_response_len,
-                             temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
+        episodes = self._run(
+            engine,
+            tokenizer,
+            self.train_split,
+            task_ids,
+            max_response_len=max_response_len,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            sync=sync,
+        )
         groups = [lo + k // group_size for k in range(len(task_ids))]
-        samples = episodes_to_samples(episodes, groups, invalid_penalty=self.invalid_penalty, gamma=self.gamma)
+        samples = episodes_to_samples(
+            episodes, groups, invalid_penalty=self.invalid_penalty, gamma=self.gamma
+        )
         self.last_stats = {
-            "episodes": len(episodes), "failed": sum(e.error is not None for e in episodes),
-            "won": sum(e.won for e in episodes), "env_steps": sum(e.num_env_steps for e in episodes),
-            "rows": len(samples), "invalid": sum(not s.info["valid"] for s in samples),
+            "episodes": len(episodes),
+            "failed": sum(e.error is not None for e in episodes),
+            "won": sum(e.won for e in episodes),
+            "env_steps": sum(e.num_env_steps for e in episodes),
+            "rows": len(samples),
+            "invalid": sum(not s.info["valid"] for s in samples),
         }
         return samples
 
-    def evaluate(self, engine, tokenizer, *, shard: tuple[int, int], limit: int | None, max_response_len: int,
-                 temperature: float, top_p: float, greedy: bool, sync=None, samples: int = 1) -> tuple[int, int]:
+    def evaluate(
+        self,
+        engine,
+        tokenizer,
+        *,
+        shard: tuple[int, int],
+        limit: int | None,
+        max_response_len: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        sync=None,
+        samples: int = 1,
+    ) -> tuple[int, int]:
         """``samples`` episodes of each validation task ``0..N-1`` (``[:limit]``): the ``N·k`` (task, sample)
         pairs are dealt ``[rank::world]`` and run ``eval_envs`` at a time, so summed over ranks
         ``wins / episodes`` is avg@k. Greedy always uses one sample. Every rank runs the same number of
@@ -153,16 +217,27 @@ class EnvAgent:
         total = self._num_tasks(self.val_split)
         if total is None and limit is None:
             raise ValueError(f"{self.name}: the validation environment has no task count; give a limit")
-        items = [task for task in list(range(total if total is not None else limit))[:limit] for _ in range(k)]
+        items = [
+            task for task in list(range(total if total is not None else limit))[:limit] for _ in range(k)
+        ]
         mine = items[rank::world]
         chunks = math.ceil(math.ceil(len(items) / world) / self.eval_envs)
         wins = 0
         for c in range(chunks):
-            ids = mine[c * self.eval_envs:(c + 1) * self.eval_envs]
+            ids = mine[c * self.eval_envs : (c + 1) * self.eval_envs]
             if not ids and sync is None:
                 continue
-            episodes = self._run(engine, tokenizer, self.val_split, ids, max_response_len=max_response_len,
-                                 temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
+            episodes = self._run(
+                engine,
+                tokenizer,
+                self.val_split,
+                ids,
+                max_response_len=max_response_len,
+                temperature=temperature,
+                top_p=top_p,
+                greedy=greedy,
+                sync=sync,
+            )
             wins += sum(e.won for e in episodes)
         return wins, len(mine)
 
@@ -189,7 +264,9 @@ class EnvAgent:
                 reply = self.prompt.response(action, result.admissible_actions)
                 r_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
                 r_ids = r_ids + [tokenizer.eos_token_id]
-                episode.append({"prompt_ids": p_ids, "response_ids": r_ids, "response_mask": [1] * len(r_ids)})
+                episode.append(
+                    {"prompt_ids": p_ids, "response_ids": r_ids, "response_mask": [1] * len(r_ids)}
+                )
                 nxt = env.step(action)
                 history.append(HistoryItem(result.observation, action, nxt.valid))
                 result, won = (nxt if nxt.valid else result), nxt.won
@@ -198,8 +275,12 @@ class EnvAgent:
             if won or not only_won:
                 rows += episode
             else:
-                log.warning("%s: the expert did not win task %d; its %d steps are left out", self.name, task_id,
-                            len(episode))
+                log.warning(
+                    "%s: the expert did not win task %d; its %d steps are left out",
+                    self.name,
+                    task_id,
+                    len(episode),
+                )
         return rows
 
 
@@ -234,6 +315,12 @@ def _alfworld_plans(env, task_ids: list[int]) -> list[list[str]]:
     from spear_lit.envs.alfworld.env import WORKER
 
     games = [env.games[t % len(env.games)] for t in task_ids]
-    out = subprocess.run([env.python, "-c", _PLAN_SCRIPT, str(WORKER.parent)], input=json.dumps(games),
-                         capture_output=True, text=True, timeout=60 + 10 * len(games), check=True)
+    out = subprocess.run(
+        [env.python, "-c", _PLAN_SCRIPT, str(WORKER.parent)],
+        input=json.dumps(games),
+        capture_output=True,
+        text=True,
+        timeout=60 + 10 * len(games),
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])

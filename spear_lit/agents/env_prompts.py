@@ -35,8 +35,15 @@ class StepPromptBase:
     agent_intro = "You are an expert agent."
     goal_hint = "which admissible action best advances the task"
 
-    def __init__(self, *, history_len: int = 2, compact: bool = False, max_obs_chars: int | None = None,
-                 numbered: bool = False, system: str | None = None):
+    def __init__(
+        self,
+        *,
+        history_len: int = 2,
+        compact: bool = False,
+        max_obs_chars: int | None = None,
+        numbered: bool = False,
+        system: str | None = None,
+    ):
         if history_len < 0:
             raise ValueError(f"history_len={history_len}: must be >= 0")
         self.history_len, self.compact, self.numbered, self.system = history_len, compact, numbered, system
@@ -62,8 +69,15 @@ class StepPromptBase:
             obs = obs[: self.max_obs_chars] + "..."
         return obs
 
-    def __call__(self, task: str, history: Sequence[HistoryItem], observation: str,
-                 admissible_actions: Sequence[str], *, step: int) -> str:
+    def __call__(
+        self,
+        task: str,
+        history: Sequence[HistoryItem],
+        observation: str,
+        admissible_actions: Sequence[str],
+        *,
+        step: int,
+    ) -> str:
         """The user message of step ``step`` (0-based), ``history`` being the last ``history_len`` steps."""
         acts = self.actions(admissible_actions)
         if self.numbered:
@@ -71,23 +85,30 @@ class StepPromptBase:
         obs = self._obs(observation, task)
         if self.compact:
             past = " > ".join(h.action + ("" if h.valid else " (invalid)") for h in history)
-            return (f"Task: {task}\n" + (f"Past: {past}\n" if history else "") + f"Obs: {obs}\n"
-                    f"Actions: {' | '.join(acts)}\nReply <think>...</think><action>...</action>")
+            return (
+                f"Task: {task}\n" + (f"Past: {past}\n" if history else "") + f"Obs: {obs}\n"
+                f"Actions: {' | '.join(acts)}\nReply <think>...</think><action>...</action>"
+            )
         lines = [f"{self.agent_intro} Your task is to: {task}"]
         if history:
             first = step - len(history) + 1
             past = "\n".join(
                 f"[Observation {first + j}: '{self._obs(h.observation, task)}', Action {first + j}: "
                 f"'{h.action}'{'' if h.valid else ' (invalid: nothing happened)'}]"
-                for j, h in enumerate(history))
-            lines.append(f"So far you have taken {step} step(s). The latest {len(history)} observation(s) "
-                         f"and the action you took after each:\n{past}")
+                for j, h in enumerate(history)
+            )
+            lines.append(
+                f"So far you have taken {step} step(s). The latest {len(history)} observation(s) "
+                f"and the action you took after each:\n{past}"
+            )
         lines.append(f"This is step {step + 1}. Current observation: {obs}")
         lines.append("Admissible actions now: [\n" + "\n".join(f"'{a}'," for a in acts) + "\n]")
         lines.append(
             f"Your turn. First think step by step about the situation and {self.goal_hint}; put this "
             "reasoning inside <think> </think>. Then give exactly one admissible action"
-            + (" (or its number)" if self.numbered else "") + " inside <action> </action>.")
+            + (" (or its number)" if self.numbered else "")
+            + " inside <action> </action>."
+        )
         return "\n".join(lines)
 
     def command(self, action: str, admissible: Sequence[str]) -> str | None:
@@ -127,7 +148,7 @@ class WebShopPrompt(StepPromptBase):
     def observation(self, text: str, task: str) -> str:
         parts = text.split(SEP)
         if task in parts:
-            parts = parts[parts.index(task) + 1:]
+            parts = parts[parts.index(task) + 1 :]
         return (" | " if self.compact else SEP).join(p.strip() for p in parts)
 
 

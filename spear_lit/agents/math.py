@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 
 from spear_lit.batch import Sample
-from spear_lit.rollout.protocol import shard_range
 from spear_lit.rollout.chat import prompt_ids
+from spear_lit.rollout.protocol import shard_range
 from spear_lit.rollout.tool_loop import run_tool_episodes
 from spear_lit.tasks.toolcall import has_final_answer
 
@@ -47,28 +47,74 @@ class ToolAgent:
     def _episodes(self, engine, tokenizer, problems, **kw):
         system = getattr(self.task, "system_prompt", None)
         prompts = [prompt_ids(tokenizer, p.prompt, system) for p in problems]
-        episodes = run_tool_episodes(engine, tokenizer, prompts, self._call_tool, max_turns=self.max_turns, **kw)
+        episodes = run_tool_episodes(
+            engine, tokenizer, prompts, self._call_tool, max_turns=self.max_turns, **kw
+        )
         texts = [tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in episodes]
         scores = [self.task.score(x, p)[0] for x, p in zip(texts, problems)]
         return episodes, texts, scores
 
-    def collect(self, engine, tokenizer, *, t, seed, num_groups, group_size, max_response_len, temperature,
-                top_p, greedy=False, sync=None, shard=(0, 1)) -> list[Sample]:
+    def collect(
+        self,
+        engine,
+        tokenizer,
+        *,
+        t,
+        seed,
+        num_groups,
+        group_size,
+        max_response_len,
+        temperature,
+        top_p,
+        greedy=False,
+        sync=None,
+        shard=(0, 1),
+    ) -> list[Sample]:
         lo, hi = shard_range(num_groups, shard)
         problems = self.task.train_problems(num_groups, random.Random(seed))[lo:hi]
         repeated = [p for p in problems for _ in range(group_size)]
-        episodes, texts, scores = self._episodes(engine, tokenizer, repeated, max_response_len=max_response_len,
-                                                 temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
+        episodes, texts, scores = self._episodes(
+            engine,
+            tokenizer,
+            repeated,
+            max_response_len=max_response_len,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            sync=sync,
+        )
         return [
-            Sample(prompt_ids=e.prompt_ids, response_ids=e.response_ids, response_mask=e.response_mask,
-                   group=lo + i // group_size, episode=i, score=s, success=s > 0, num_tool_calls=e.num_tool_calls,
-                   incomplete=not e.finished or not e.response_ids or not has_final_answer(e.last_turn_text),
-                   text=x, turns=e.num_turns)
+            Sample(
+                prompt_ids=e.prompt_ids,
+                response_ids=e.response_ids,
+                response_mask=e.response_mask,
+                group=lo + i // group_size,
+                episode=i,
+                score=s,
+                success=s > 0,
+                num_tool_calls=e.num_tool_calls,
+                incomplete=not e.finished or not e.response_ids or not has_final_answer(e.last_turn_text),
+                text=x,
+                turns=e.num_turns,
+            )
             for i, (e, x, s) in enumerate(zip(episodes, texts, scores))
         ]
 
-    def evaluate(self, engine, tokenizer, *, shard, limit, max_response_len, temperature, top_p, greedy,
-                 sync=None, samples: int = 1, by_source: dict | None = None) -> tuple[int, int]:
+    def evaluate(
+        self,
+        engine,
+        tokenizer,
+        *,
+        shard,
+        limit,
+        max_response_len,
+        temperature,
+        top_p,
+        greedy,
+        sync=None,
+        samples: int = 1,
+        by_source: dict | None = None,
+    ) -> tuple[int, int]:
         """This rank's share of ``samples`` episodes of each validation problem ``[:limit]``.
 
         The ``P·k`` (problem, sample) pairs are dealt round-robin over ranks, so summed over ranks
@@ -83,8 +129,16 @@ class ToolAgent:
             raise ValueError(f"data.val_group_size={samples}: must be >= 1")
         problems = self.task.val_problems()[:limit]
         mine = [p for p in problems for _ in range(k)][rank::world]
-        _, _, scores = self._episodes(engine, tokenizer, mine, max_response_len=max_response_len,
-                                      temperature=temperature, top_p=top_p, greedy=greedy, sync=sync)
+        _, _, scores = self._episodes(
+            engine,
+            tokenizer,
+            mine,
+            max_response_len=max_response_len,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            sync=sync,
+        )
         if by_source is not None:
             for p in problems:
                 by_source.setdefault(_source(p), [0, 0])

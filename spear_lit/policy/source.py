@@ -25,7 +25,11 @@ def builtin_checkpoint(name: str) -> Path:
     """Path of a checkpoint shipped in ``spear_lit/assets`` (e.g. ``tiny-math-sft``)."""
     path = ASSETS / name
     if not (path / "config.json").exists():
-        known = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").exists()) if ASSETS.exists() else []
+        known = (
+            sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").exists())
+            if ASSETS.exists()
+            else []
+        )
         raise FileNotFoundError(f"model.path=builtin:{name}: no such shipped checkpoint; known: {known}")
     return path
 
@@ -44,9 +48,17 @@ class PolicySource:
         meta: build without allocating weights (instantiation checks of 32B experiments).
     """
 
-    def __init__(self, path: str | None = None, *, tiny: dict | None = None, dtype: str = "float32",
-                 attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
-                 init_seed: int = 0, meta: bool = False):
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        tiny: dict | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        init_seed: int = 0,
+        meta: bool = False,
+    ):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype={dtype!r}: allowed values are float32, bfloat16, float16")
         self.path = self._resolve(path) if path is not None else None
@@ -82,10 +94,19 @@ class PolicySource:
         if self.path:
             return AutoConfig.from_pretrained(self.path)
         tok = byte_chat_tokenizer()
-        defaults = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
+        defaults = dict(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         return Qwen2Config(**{**defaults, **self.tiny})
 
     def model(self) -> PreTrainedModel:
@@ -129,6 +150,8 @@ def save_hf(model: PreTrainedModel, tokenizer, path: str | Path, meta: dict | No
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise OSError(e.errno, f"saving the policy to {path} failed ({e}); nothing was written there") from e
+            raise OSError(
+                e.errno, f"saving the policy to {path} failed ({e}); nothing was written there"
+            ) from e
         raise
     return path

@@ -38,7 +38,11 @@ def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOT, pad_token=PAD, bos_token=None, unk_token=None,
+        tokenizer_object=tok,
+        eos_token=EOT,
+        pad_token=PAD,
+        bos_token=None,
+        unk_token=None,
         additional_special_tokens=[BOS_CHAT],
     )
     fast.add_tokens(TOOL_TAGS)
@@ -49,7 +53,11 @@ def byte_chat_tokenizer() -> PreTrainedTokenizerFast:
 
 def _gpt2_bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte → printable-character map (the alphabet of the ByteLevel pre-tokenizer)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

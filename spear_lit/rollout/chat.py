@@ -5,7 +5,9 @@ from __future__ import annotations
 
 def prompt_ids(tokenizer, user: str, system: str | None = None) -> list[int]:
     """Token ids of ``[system?, user]`` rendered with the chat template, ending with the generation prompt."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -19,13 +21,16 @@ def observation_text(tokenizer, outputs: list[str]) -> str:
     """
     base_msgs = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     base = tokenizer.apply_chat_template(base_msgs, tokenize=False)
-    full = tokenizer.apply_chat_template(base_msgs + [{"role": "tool", "content": o} for o in outputs],
-                                         tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        base_msgs + [{"role": "tool", "content": o} for o in outputs],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     if not full.startswith(base):
         raise ValueError("chat template is not prefix-stable: cannot append tool messages token-in/token-out")
     eos = tokenizer.eos_token
-    after_eos = base[base.rindex(eos) + len(eos):]  # e.g. the "\n" ChatML puts after <|im_end|>
-    return after_eos + full[len(base):]
+    after_eos = base[base.rindex(eos) + len(eos) :]  # e.g. the "\n" ChatML puts after <|im_end|>
+    return after_eos + full[len(base) :]
 
 
 def observation_ids(tokenizer, outputs: list[str]) -> list[int]:

@@ -23,8 +23,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 from spear_lit.algos import discounted_returns
-from spear_lit.envs.base import StepResult, TextEnv
 from spear_lit.batch import Sample
+from spear_lit.envs.base import StepResult, TextEnv
 from spear_lit.rollout.chat import prompt_ids as chat_prompt_ids
 from spear_lit.rollout.hf_engine import RolloutEngine
 
@@ -53,8 +53,15 @@ class StepPrompt(Protocol):
     def task(self, first: StepResult) -> str:
         """The task description, read once from the reset result."""
 
-    def __call__(self, task: str, history: Sequence[HistoryItem], observation: str,
-                 admissible_actions: Sequence[str], *, step: int) -> str:
+    def __call__(
+        self,
+        task: str,
+        history: Sequence[HistoryItem],
+        observation: str,
+        admissible_actions: Sequence[str],
+        *,
+        step: int,
+    ) -> str:
         """The user message for step ``step`` (0-based); ``history`` is the last ``history_len`` steps."""
 
     def command(self, action: str, admissible: Sequence[str]) -> str | None:
@@ -134,10 +141,11 @@ def match_admissible(action: str, admissible: Sequence[str]) -> str | None:
     return None
 
 
-def step_prompt_ids(tokenizer, prompt: StepPrompt, task: str, history: Sequence[HistoryItem],
-                    current: StepResult, step: int) -> list[int]:
+def step_prompt_ids(
+    tokenizer, prompt: StepPrompt, task: str, history: Sequence[HistoryItem], current: StepResult, step: int
+) -> list[int]:
     """Token ids of one step's prompt, chat template applied (shared by rollouts and expert SFT data)."""
-    window = list(history[-prompt.history_len:]) if prompt.history_len > 0 else []
+    window = list(history[-prompt.history_len :]) if prompt.history_len > 0 else []
     text = prompt(task, window, current.observation, current.admissible_actions, step=step)
     return chat_prompt_ids(tokenizer, text, prompt.system)
 
@@ -146,10 +154,22 @@ def step_prompt_ids(tokenizer, prompt: StepPrompt, task: str, history: Sequence[
 
 
 def run_env_episodes(
-    engine: RolloutEngine, tokenizer, envs: Sequence[TextEnv], task_ids: Sequence[int], *, prompt: StepPrompt,
-    max_steps: int, max_response_len: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-    sync: Callable[[bool], bool] | None = None, step_workers: int = 8, step_timeout_s: float | None = None,
-    reset_timeout_s: float | None = None, require_think: bool = True,
+    engine: RolloutEngine,
+    tokenizer,
+    envs: Sequence[TextEnv],
+    task_ids: Sequence[int],
+    *,
+    prompt: StepPrompt,
+    max_steps: int,
+    max_response_len: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    sync: Callable[[bool], bool] | None = None,
+    step_workers: int = 8,
+    step_timeout_s: float | None = None,
+    reset_timeout_s: float | None = None,
+    require_think: bool = True,
 ) -> list[EnvEpisode]:
     """Play one episode per environment, ``envs[i]`` on task ``task_ids[i]``.
 
@@ -173,12 +193,18 @@ def run_env_episodes(
     current: dict[int, StepResult] = {}
     tasks: dict[int, str] = {}
     history: dict[int, list[HistoryItem]] = {}
-    resets = call_all([functools.partial(env.reset, int(t)) for env, t in zip(envs, task_ids)],
-                      timeout_s=reset_timeout_s, workers=step_workers)
+    resets = call_all(
+        [functools.partial(env.reset, int(t)) for env, t in zip(envs, task_ids)],
+        timeout_s=reset_timeout_s,
+        workers=step_workers,
+    )
     for i, (status, res) in enumerate(resets):
         if status != "ok" or res.info.get("error") or res.done:
-            _fail(episodes[i], res if status != "ok" else res.info.get("error", "episode done at reset"),
-                  loop_saw_it=status != "ok")
+            _fail(
+                episodes[i],
+                res if status != "ok" else res.info.get("error", "episode done at reset"),
+                loop_saw_it=status != "ok",
+            )
             continue
         current[i], tasks[i], history[i] = res, prompt.task(res), []
     for step in range(max_steps):
@@ -188,9 +214,13 @@ def run_env_episodes(
         if not live and sync is None:
             break
         prompts = [step_prompt_ids(tokenizer, prompt, tasks[i], history[i], current[i], step) for i in live]
-        outs = engine.generate(prompts or [[tokenizer.eos_token_id]],
-                               max_new_tokens=[max_response_len] * len(prompts) if prompts else [1],
-                               temperature=temperature, top_p=top_p, greedy=greedy)
+        outs = engine.generate(
+            prompts or [[tokenizer.eos_token_id]],
+            max_new_tokens=[max_response_len] * len(prompts) if prompts else [1],
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+        )
         if not live:
             continue
         pending = []
@@ -204,15 +234,19 @@ def run_env_episodes(
                 history[i].append(HistoryItem(current[i].observation, action or "", False))
             else:
                 pending.append((i, command, rec))
-        results = call_all([functools.partial(envs[i].step, c) for i, c, _ in pending],
-                           timeout_s=step_timeout_s, workers=step_workers)
+        results = call_all(
+            [functools.partial(envs[i].step, c) for i, c, _ in pending],
+            timeout_s=step_timeout_s,
+            workers=step_workers,
+        )
         for (i, command, rec), (status, res) in zip(pending, results):
             _apply(i, episodes[i], rec, command, status, res, current, history)
     return episodes
 
 
-def _apply(i: int, ep: EnvEpisode, rec: StepRecord, command: str, status: str, res, current: dict,
-           history: dict) -> None:
+def _apply(
+    i: int, ep: EnvEpisode, rec: StepRecord, command: str, status: str, res, current: dict, history: dict
+) -> None:
     """Record one executed step of episode ``i``; the episode ends on ``done`` or on a failure."""
     ep.num_env_steps += 1
     if status != "ok" or res.info.get("error"):
@@ -221,7 +255,12 @@ def _apply(i: int, ep: EnvEpisode, rec: StepRecord, command: str, status: str, r
         _fail(ep, rec.info["error"], loop_saw_it=status != "ok")
         del current[i]
         return
-    rec.reward, rec.valid, rec.done, rec.info = float(res.reward), bool(res.valid), bool(res.done), dict(res.info)
+    rec.reward, rec.valid, rec.done, rec.info = (
+        float(res.reward),
+        bool(res.valid),
+        bool(res.done),
+        dict(res.info),
+    )
     history[i].append(HistoryItem(current[i].observation, command, rec.valid))
     if res.done:
         ep.won = bool(res.won)
@@ -238,8 +277,14 @@ def _fail(ep: EnvEpisode, error, *, loop_saw_it: bool) -> None:
 # ------------------------------------------------------------------------------------- rows (Samples)
 
 
-def episodes_to_samples(episodes: Sequence[EnvEpisode], groups: Sequence[int], *, invalid_penalty: float = 0.1,
-                        gamma: float = 0.95, first_episode: int = 0) -> list[Sample]:
+def episodes_to_samples(
+    episodes: Sequence[EnvEpisode],
+    groups: Sequence[int],
+    *,
+    invalid_penalty: float = 0.1,
+    gamma: float = 0.95,
+    first_episode: int = 0,
+) -> list[Sample]:
     """One :class:`Sample` per step (SPEAR_SPEC §2.2, §3.4, §6.2, §7).
 
     * ``score`` = the episode's total environment reward, minus ``invalid_penalty`` on an invalid row;
@@ -261,23 +306,43 @@ def episodes_to_samples(episodes: Sequence[EnvEpisode], groups: Sequence[int], *
         total = float(rewards.sum())
         for t, (s, g) in enumerate(zip(ep.steps, returns)):
             penalty = 0.0 if s.valid else invalid_penalty
-            info = {"task_id": ep.task_id, "step": t, "action": s.action, "valid": s.valid, "reward": s.reward}
+            info = {
+                "task_id": ep.task_id,
+                "step": t,
+                "action": s.action,
+                "valid": s.valid,
+                "reward": s.reward,
+            }
             if ep.error is not None:
                 info["error"] = ep.error
-            out.append(Sample(
-                prompt_ids=s.prompt_ids, response_ids=s.response_ids, response_mask=[1] * len(s.response_ids),
-                group=int(group), episode=first_episode + k, score=total - penalty, success=ep.won,
-                num_tool_calls=ep.num_env_steps, incomplete=s.action is None, text=s.text,
-                step_return=g - penalty, anchor=s.anchor, turns=len(ep.steps), episode_score=total, info=info,
-            ))
+            out.append(
+                Sample(
+                    prompt_ids=s.prompt_ids,
+                    response_ids=s.response_ids,
+                    response_mask=[1] * len(s.response_ids),
+                    group=int(group),
+                    episode=first_episode + k,
+                    score=total - penalty,
+                    success=ep.won,
+                    num_tool_calls=ep.num_env_steps,
+                    incomplete=s.action is None,
+                    text=s.text,
+                    step_return=g - penalty,
+                    anchor=s.anchor,
+                    turns=len(ep.steps),
+                    episode_score=total,
+                    info=info,
+                )
+            )
     return out
 
 
 # ------------------------------------------------------------------------ calls with time-outs, in parallel
 
 
-def call_all(fns: Sequence[Callable[[], object]], *, timeout_s: float | None, workers: int
-             ) -> list[tuple[str, object]]:
+def call_all(
+    fns: Sequence[Callable[[], object]], *, timeout_s: float | None, workers: int
+) -> list[tuple[str, object]]:
     """Run ``fns`` on at most ``workers`` daemon threads; ``("ok", value)`` or ``("error", message)`` each.
 
     A call that raises gives its error; one still running ``timeout_s`` after it *started* is abandoned
@@ -317,6 +382,9 @@ def call_all(fns: Sequence[Callable[[], object]], *, timeout_s: float | None, wo
                         slots.release()  # the abandoned call keeps its thread, not its slot
             if all(o is not None for o in out):
                 return out
-            waits = [started[k] + timeout_s - now for k in running if out[k] is None] if timeout_s is not None \
+            waits = (
+                [started[k] + timeout_s - now for k in running if out[k] is None]
+                if timeout_s is not None
                 else []
+            )
             cond.wait(timeout=max(min(waits), 0.0) + 1e-3 if waits else None)  # woken by starts and ends

@@ -23,8 +23,15 @@ class RolloutEngine(Protocol):
     def sync_weights(self) -> None:
         """Make the engine sample from the policy's current parameters."""
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: list[int], temperature: float = 1.0,
-                 top_p: float = 1.0, greedy: bool = False) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: list[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+    ) -> list[list[int]]:
         """Continue each prompt; a continuation ends with EOS (included) or at its own token budget."""
 
     def release(self) -> None:
@@ -72,17 +79,29 @@ class HFEngine:
             raise RuntimeError("HFEngine.generate called before bind(model, tokenizer)")
         out: list[list[int]] = []
         for s in range(0, len(prompts), self.max_batch_size):
-            out += self._generate_chunk(prompts[s:s + self.max_batch_size], max_new_tokens[s:s + self.max_batch_size],
-                                        temperature, top_p, greedy)
+            out += self._generate_chunk(
+                prompts[s : s + self.max_batch_size],
+                max_new_tokens[s : s + self.max_batch_size],
+                temperature,
+                top_p,
+                greedy,
+            )
         return out
 
-    def generation_config(self, *, max_new_tokens: int, temperature: float, top_p: float,
-                          greedy: bool) -> GenerationConfig:
+    def generation_config(
+        self, *, max_new_tokens: int, temperature: float, top_p: float, greedy: bool
+    ) -> GenerationConfig:
         """The complete config of one ``generate`` call: exact softmax(z/T) sampling with top-p (see
         :func:`exact_sampling_config`). A subclass may change it (bench/vs_trl.py forbids EOS to fix the length)."""
         tok = self.tokenizer
-        return exact_sampling_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     greedy=greedy, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return exact_sampling_config(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
 
     def _generate_chunk(self, prompts, budgets, temperature, top_p, greedy):
         tok, model = self.tokenizer, self.model
@@ -91,17 +110,22 @@ class HFEngine:
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-            ids[i, width - len(p):] = torch.as_tensor(p)
-            attn[i, width - len(p):] = 1
-        config = self.generation_config(max_new_tokens=max(budgets), temperature=temperature, top_p=top_p,
-                                        greedy=greedy)
+            ids[i, width - len(p) :] = torch.as_tensor(p)
+            attn[i, width - len(p) :] = 1
+        config = self.generation_config(
+            max_new_tokens=max(budgets), temperature=temperature, top_p=top_p, greedy=greedy
+        )
         was_training, shipped = model.training, model.generation_config
         model.eval()  # dropout off: samples come from the same distribution as the (eval) old log-probs
         # generate() fills every field we leave None from model.generation_config: hide the checkpoint's
         model.generation_config = GenerationConfig()
         try:
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
-                                 synced_gpus=self._synced())[:, width:].cpu()
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                generation_config=config,
+                synced_gpus=self._synced(),
+            )[:, width:].cpu()
         finally:
             model.generation_config = shipped
             model.train(was_training)
@@ -109,7 +133,7 @@ class HFEngine:
         for row, budget in zip(gen.tolist(), budgets):
             row = row[:budget]
             if tok.eos_token_id in row:
-                row = row[:row.index(tok.eos_token_id) + 1]
+                row = row[: row.index(tok.eos_token_id) + 1]
             outs.append(row)
         return outs
 
@@ -119,20 +143,50 @@ class HFEngine:
 # generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05-1.1, top_k 20, top_p 0.8) and
 # transformers' global defaults (top_k=50) would otherwise change the distribution the loss assumes.
 NO_PROCESSORS = dict(  # applied in greedy decoding too
-    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
-    bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None,
-    forced_bos_token_id=None, forced_eos_token_id=None, exponential_decay_length_penalty=None, min_length=0,
-    min_new_tokens=None, guidance_scale=None, watermarking_config=None, renormalize_logits=False,
-    remove_invalid_values=False, num_beams=1, num_return_sequences=1, use_cache=True,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None,
+    suppress_tokens=None,
+    begin_suppress_tokens=None,
+    sequence_bias=None,
+    forced_bos_token_id=None,
+    forced_eos_token_id=None,
+    exponential_decay_length_penalty=None,
+    min_length=0,
+    min_new_tokens=None,
+    guidance_scale=None,
+    watermarking_config=None,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    num_beams=1,
+    num_return_sequences=1,
+    use_cache=True,
 )
-NO_WARPERS = dict(top_k=0, top_h=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)  # sampling
+NO_WARPERS = dict(
+    top_k=0, top_h=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0
+)  # sampling
 
 
-def exact_sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, greedy: bool,
-                          eos_token_id: int, pad_token_id: int) -> GenerationConfig:
+def exact_sampling_config(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> GenerationConfig:
     """A complete ``GenerationConfig``: greedy, or sampling from softmax(z/T) with top-p and nothing else."""
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
     sampling = {} if greedy else {**NO_WARPERS, "temperature": float(temperature), "top_p": float(top_p)}
-    return GenerationConfig(**NO_PROCESSORS, **sampling, do_sample=not greedy, max_new_tokens=int(max_new_tokens),
-                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return GenerationConfig(
+        **NO_PROCESSORS,
+        **sampling,
+        do_sample=not greedy,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )

@@ -26,9 +26,22 @@ class Agent(Protocol):
 
     name: str  # used in ``val/<name>/accuracy``
 
-    def collect(self, engine, tokenizer, *, t: int, seed: int, num_groups: int, group_size: int,
-                max_response_len: int, temperature: float, top_p: float, greedy: bool = False,
-                sync=None, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
+    def collect(
+        self,
+        engine,
+        tokenizer,
+        *,
+        t: int,
+        seed: int,
+        num_groups: int,
+        group_size: int,
+        max_response_len: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool = False,
+        sync=None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> list[Sample]:
         """Roll out this rank's share of the iteration's ``num_groups × group_size`` training trajectories.
 
         ``seed`` identifies this (run, iteration): the same seed draws the same ``num_groups`` prompts/initial
@@ -36,8 +49,20 @@ class Agent(Protocol):
         (drawn once, sharded: no prompt repeats across ranks because of sharding). ``sync(has_work) -> bool``
         (multi-process) keeps ranks calling ``generate`` together (see ``run_tool_episodes``)."""
 
-    def evaluate(self, engine, tokenizer, *, shard: tuple[int, int], limit: int | None, max_response_len: int,
-                 temperature: float, top_p: float, greedy: bool, sync=None, samples: int = 1) -> tuple[int, int]:
+    def evaluate(
+        self,
+        engine,
+        tokenizer,
+        *,
+        shard: tuple[int, int],
+        limit: int | None,
+        max_response_len: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        sync=None,
+        samples: int = 1,
+    ) -> tuple[int, int]:
         """Held-out episodes → ``(successes, episodes)`` on this rank.
 
         Every item of ``items[:limit]`` is rolled out ``samples`` times (``k`` of avg@k; AIME: 32) and the

@@ -16,13 +16,23 @@ from spear_lit.rollout.hf_engine import RolloutEngine
 from spear_lit.tasks.toolcall import parse_tool_calls
 
 log = logging.getLogger(__name__)
-MALFORMED_NOTICE = "Error: the tool call could not be parsed (expected JSON with \"name\" and \"arguments\": {\"code\": ...})."
+MALFORMED_NOTICE = (
+    'Error: the tool call could not be parsed (expected JSON with "name" and "arguments": {"code": ...}).'
+)
 
 
 def run_tool_episodes(
-    engine: RolloutEngine, tokenizer, prompts: list[list[int]], tool: Callable[[list[str]], list[str]], *,
-    max_turns: int = 8, max_response_len: int = 512, temperature: float = 1.0, top_p: float = 1.0,
-    greedy: bool = False, sync: Callable[[bool], bool] | None = None,
+    engine: RolloutEngine,
+    tokenizer,
+    prompts: list[list[int]],
+    tool: Callable[[list[str]], list[str]],
+    *,
+    max_turns: int = 8,
+    max_response_len: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    sync: Callable[[bool], bool] | None = None,
 ) -> list[Episode]:
     """Roll out one episode per prompt.
 
@@ -46,8 +56,13 @@ def run_tool_episodes(
             break
         run = active or [Episode(prompt_ids=prompts[0] if prompts else [tokenizer.eos_token_id])]
         budgets = [max(1, max_response_len - len(e.response_ids)) for e in run]
-        outs = engine.generate([e.prompt_ids + e.response_ids for e in run], max_new_tokens=budgets,
-                               temperature=temperature, top_p=top_p, greedy=greedy)
+        outs = engine.generate(
+            [e.prompt_ids + e.response_ids for e in run],
+            max_new_tokens=budgets,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+        )
         if not active:
             continue
         _step(active, outs, tokenizer, tool, max_response_len, last_turn=turn == max_turns - 1)
@@ -56,8 +71,9 @@ def run_tool_episodes(
     return episodes
 
 
-def _step(active: list[Episode], outs: list[list[int]], tokenizer, tool, max_response_len: int,
-          last_turn: bool) -> None:
+def _step(
+    active: list[Episode], outs: list[list[int]], tokenizer, tool, max_response_len: int, last_turn: bool
+) -> None:
     """Append one generated turn to each active episode and run the tool calls it made."""
     pending: list[tuple[Episode, list[str | None]]] = []
     for e, ids in zip(active, outs):
@@ -101,4 +117,3 @@ def _run_tool(tool, codes: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - any tool failure is reported to the policy
         log.warning("tool failed on a batch of %d calls: %r", len(codes), e)
         return [f"Error: the tool failed ({type(e).__name__}: {e})."] * len(codes)
-

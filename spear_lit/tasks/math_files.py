@@ -51,7 +51,11 @@ def read_rows(path: str | Path) -> tuple[list[dict], list[str], list[str]]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        return table.to_pylist(), list(table.column_names), [f"{path}: row {i}" for i in range(1, table.num_rows + 1)]
+        return (
+            table.to_pylist(),
+            list(table.column_names),
+            [f"{path}: row {i}" for i in range(1, table.num_rows + 1)],
+        )
     if path.suffix == ".jsonl":
         rows, places = [], []
         with path.open("rb") as f:
@@ -63,10 +67,14 @@ def read_rows(path: str | Path) -> tuple[list[dict], list[str], list[str]]:
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1})") from None
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); "
-                                     "each line of a .jsonl file is one JSON object") from None
+                    raise ValueError(
+                        f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); "
+                        "each line of a .jsonl file is one JSON object"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
+                    raise ValueError(
+                        f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}"
+                    )
                 rows.append(row)
                 places.append(f"{path}:{number}")
         columns = list(dict.fromkeys(key for row in rows for key in row))

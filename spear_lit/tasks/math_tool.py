@@ -41,8 +41,15 @@ class DrawnProblems:
     """Training and validation problems drawn by the task's ``_draw(rng, val)`` from two disjoint halves of
     the problem space, scored by its ``_scorer``; shared by the generated math tasks."""
 
-    def _setup(self, name: str, digits: tuple[int, int], val_size: int, val_seed: int, scorer: Scorer,
-               system_prompt: str | None) -> None:
+    def _setup(
+        self,
+        name: str,
+        digits: tuple[int, int],
+        val_size: int,
+        val_seed: int,
+        scorer: Scorer,
+        system_prompt: str | None,
+    ) -> None:
         """The settings every generated task has (operand sizes, validation set, scorer, system prompt)."""
         if not 1 <= digits[0] <= digits[1]:
             raise ValueError(f"digits must satisfy 1 <= min <= max, got {digits}")

@@ -43,7 +43,9 @@ def check_scorer(scorer: object) -> Scorer:
     """``scorer`` if it is callable; otherwise (e.g. a name, the old form) a ``ValueError`` saying how to
     select one."""
     if not callable(scorer):
-        raise ValueError(f"scorer={scorer!r} must be a callable (response, ground_truth) -> (reward, prediction), "
-                         "selected by _target_, e.g. scorer: {_target_: spear_lit.tasks.scoring.strict_box, "
-                         "_partial_: true} (or spear_lit.tasks.scoring.math_verify_score)")
+        raise ValueError(
+            f"scorer={scorer!r} must be a callable (response, ground_truth) -> (reward, prediction), "
+            "selected by _target_, e.g. scorer: {_target_: spear_lit.tasks.scoring.strict_box, "
+            "_partial_: true} (or spear_lit.tasks.scoring.math_verify_score)"
+        )
     return scorer

@@ -84,7 +84,9 @@ class TwoStepToolTask(DrawnProblems):
         expr = f"{first}{op}{c}"
         uid = f"{self.name}-{hashlib.sha256(expr.encode()).hexdigest()[:12]}"
         meta = {"first": first, "second": f"{op}{c}", "expr": expr}
-        return Problem(uid=uid, prompt=f"Let x={first}. Compute x{op}{c}.", answer=str(evaluate(expr)), meta=meta)
+        return Problem(
+            uid=uid, prompt=f"Let x={first}. Compute x{op}{c}.", answer=str(evaluate(expr)), meta=meta
+        )
 
     def _draw(self, rng: random.Random, val: bool) -> Problem:
         for _ in range(10_000):
@@ -100,11 +102,17 @@ class TwoStepToolTask(DrawnProblems):
         ``p_second_call``, the second call on the printed ``x`` and the right answer, else ``x`` boxed
         (wrong: the deliberate gap, see the module docstring)."""
         x = str(evaluate(problem.meta["first"]))
-        turns = [{"role": "assistant", "content": format_tool_call(f"print({problem.meta['first']})")},
-                 {"role": "tool", "content": x}]
+        turns = [
+            {"role": "assistant", "content": format_tool_call(f"print({problem.meta['first']})")},
+            {"role": "tool", "content": x},
+        ]
         if rng.random() >= self.p_second_call:
             return [*turns, {"role": "assistant", "content": f"The answer is \\boxed{{{x}}}."}]
         second = f"{x}{problem.meta['second']}"
         y = str(evaluate(second))
-        return [*turns, {"role": "assistant", "content": format_tool_call(f"print({second})")},
-                {"role": "tool", "content": y}, {"role": "assistant", "content": f"The answer is \\boxed{{{y}}}."}]
+        return [
+            *turns,
+            {"role": "assistant", "content": format_tool_call(f"print({second})")},
+            {"role": "tool", "content": y},
+            {"role": "assistant", "content": f"The answer is \\boxed{{{y}}}."},
+        ]

@@ -95,7 +95,9 @@ class CodeInterpreter:
         if timeout_s < cpu_s:
             log.warning(
                 "code_interpreter timeout_s=%g < cpu_s=%g: the wall clock, not CPU time, decides when a "
-                "program is stopped, so results depend on machine load", timeout_s, cpu_s,
+                "program is stopped, so results depend on machine load",
+                timeout_s,
+                cpu_s,
             )
         self.backend, self.max_output_chars = backend, max_output_chars
         self.limits = Limits(
@@ -119,7 +121,9 @@ class CodeInterpreter:
                     "safely. Install it with `apt-get install -y bubblewrap` (or `make setup`), or explicitly "
                     "run without isolation with `tool.backend=unsafe`."
                 )
-            self._sandboxes = SandboxPool(bwrap, python, self.limits, num_workers, tuple(extra_ro_binds), cgroup)
+            self._sandboxes = SandboxPool(
+                bwrap, python, self.limits, num_workers, tuple(extra_ro_binds), cgroup
+            )
             self._self_check()
         else:
             log.warning(
@@ -189,7 +193,9 @@ class CodeInterpreter:
             notice = f"Error: execution timed out after {self.limits.timeout_s:g} s and was stopped."
             return self._with_notice(stdout, notice)
         if result.limit == "memory":
-            notice = f"Error: the code exceeded the memory limit ({self.limits.memory_mb} MiB) and was killed."
+            notice = (
+                f"Error: the code exceeded the memory limit ({self.limits.memory_mb} MiB) and was killed."
+            )
             return self._with_notice(stdout, notice)
         if result.exit_code != 0:
             stderr_tail = "\n".join(result.stderr.strip().splitlines()[-2:])
@@ -217,7 +223,9 @@ class CodeInterpreter:
         if code is not None and code < 0:
             sig = -code
             if sig == signal.SIGXCPU:
-                return f"Error: the code exceeded the CPU-time limit ({self.limits.cpu_s:g} s) and was killed."
+                return (
+                    f"Error: the code exceeded the CPU-time limit ({self.limits.cpu_s:g} s) and was killed."
+                )
             if sig == signal.SIGXFSZ:
                 return f"Error: the code exceeded the file-size limit ({self.limits.file_size_mb} MiB) and was killed."
             try:

@@ -149,7 +149,9 @@ class Worker:
         fd = self.proc.stderr.fileno()
         os.set_blocking(fd, False)
         try:
-            return os.read(fd, 4096).decode("utf-8", "replace").strip() or f"exit status {self.proc.returncode}"
+            return (
+                os.read(fd, 4096).decode("utf-8", "replace").strip() or f"exit status {self.proc.returncode}"
+            )
         except OSError:
             return f"exit status {self.proc.returncode}"
 
@@ -275,7 +277,9 @@ class SandboxPool:
                 try:
                     worker = self._spawner.submit(self._spawn).result()
                 except Exception as e:  # noqa: BLE001 - reported as an infrastructure error
-                    return ExecResult("", "", None, False, f"could not start a sandbox: {e}", time.monotonic() - start)
+                    return ExecResult(
+                        "", "", None, False, f"could not start a sandbox: {e}", time.monotonic() - start
+                    )
             with self._lock:
                 self._busy.add(worker)
             keep = False

@@ -41,18 +41,56 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # Syscalls a call may not make, per architecture: (AUDIT_ARCH, {name: nr}).
 _DENY = {
-    "x86_64": (0xC000003E, {
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "pidfd_getfd": 438,
-        "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "msgget": 68, "mq_open": 240,
-        "add_key": 248, "request_key": 249, "keyctl": 250, "perf_event_open": 298, "bpf": 321,
-        "userfaultfd": 323, "io_uring_setup": 425, "setns": 308, "unshare": 272,
-    }),
-    "aarch64": (0xC00000B7, {
-        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "pidfd_getfd": 438,
-        "shmget": 194, "shmat": 196, "shmctl": 195, "semget": 190, "msgget": 186, "mq_open": 180,
-        "add_key": 217, "request_key": 218, "keyctl": 219, "perf_event_open": 241, "bpf": 280,
-        "userfaultfd": 282, "io_uring_setup": 425, "setns": 268, "unshare": 97,
-    }),
+    "x86_64": (
+        0xC000003E,
+        {
+            "ptrace": 101,
+            "process_vm_readv": 310,
+            "process_vm_writev": 311,
+            "kcmp": 312,
+            "pidfd_getfd": 438,
+            "shmget": 29,
+            "shmat": 30,
+            "shmctl": 31,
+            "semget": 64,
+            "msgget": 68,
+            "mq_open": 240,
+            "add_key": 248,
+            "request_key": 249,
+            "keyctl": 250,
+            "perf_event_open": 298,
+            "bpf": 321,
+            "userfaultfd": 323,
+            "io_uring_setup": 425,
+            "setns": 308,
+            "unshare": 272,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "ptrace": 117,
+            "process_vm_readv": 270,
+            "process_vm_writev": 271,
+            "kcmp": 272,
+            "pidfd_getfd": 438,
+            "shmget": 194,
+            "shmat": 196,
+            "shmctl": 195,
+            "semget": 190,
+            "msgget": 186,
+            "mq_open": 180,
+            "add_key": 217,
+            "request_key": 218,
+            "keyctl": 219,
+            "perf_event_open": 241,
+            "bpf": 280,
+            "userfaultfd": 282,
+            "io_uring_setup": 425,
+            "setns": 268,
+            "unshare": 97,
+        },
+    ),
 }
 
 
@@ -78,8 +116,12 @@ def seccomp_program():
     prog += [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
 
     class Filter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                    ("k", ctypes.c_uint)]
+        _fields_ = [
+            ("code", ctypes.c_ushort),
+            ("jt", ctypes.c_ubyte),
+            ("jf", ctypes.c_ubyte),
+            ("k", ctypes.c_uint),
+        ]
 
     class Prog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
@@ -113,7 +155,7 @@ def read_frame(fd):
 def write_frame(fd, payload):
     data = memoryview(struct.pack(">I", len(payload)) + payload)
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 class Capped:
@@ -138,7 +180,11 @@ class Capped:
             del self.tail[: -self.half]
         if not self.dropped:
             return bytes(self.head + self.tail)
-        return bytes(self.head) + f"\n...[{self.dropped} bytes of output dropped]...\n".encode() + bytes(self.tail)
+        return (
+            bytes(self.head)
+            + f"\n...[{self.dropped} bytes of output dropped]...\n".encode()
+            + bytes(self.tail)
+        )
 
 
 def run_code(src):
@@ -148,8 +194,9 @@ def run_code(src):
     sys.argv = ["<code>"]
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
     main = sys.modules["__main__"] = type(sys)("__main__")
     status = 0
     try:
@@ -167,6 +214,7 @@ def run_code(src):
         if "threading" in sys.modules:
             sys.modules["threading"]._shutdown()
         import atexit
+
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -198,9 +246,14 @@ def start_call(src, limits, fprog):
             f.write("1000")
         mb = 1 << 20
         cpu_rl = int(limits["cpu_s"]) + 2  # per-process backstop; the per-call budget is polled
-        for name, value in (("CPU", cpu_rl), ("AS", limits["memory_mb"] * mb),
-                            ("FSIZE", limits["file_size_mb"] * mb), ("NPROC", limits["max_procs"]),
-                            ("NOFILE", limits["max_open_files"]), ("CORE", 0)):
+        for name, value in (
+            ("CPU", cpu_rl),
+            ("AS", limits["memory_mb"] * mb),
+            ("FSIZE", limits["file_size_mb"] * mb),
+            ("NPROC", limits["max_procs"]),
+            ("NOFILE", limits["max_open_files"]),
+            ("CORE", 0),
+        ):
             hard = value + 1 if name == "CPU" else value
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, hard))
         if fprog is not None:

@@ -31,11 +31,19 @@ HPC_GLOB = "hpc_ckpt_*.ckpt"
 # terms, replay settings, data sizes, model, task, seed, schedules, added or removed callbacks ...).
 # Patterns match dotted keys; `a.b` also covers everything below it.
 SAFE_TO_CHANGE = (
-    "iterations", "run_dir", "ckpt_path", "export_hf",
-    "trainer",                       # engineering: devices, precision, logger, strategy plumbing
-    "callbacks.validation", "callbacks.report", "callbacks.checkpoint", "callbacks.on_exception",
-    "callbacks.preemption", "callbacks.entropy",   # monitoring and I/O, not the algorithm
-    "data.val_*", "tool.num_workers",
+    "iterations",
+    "run_dir",
+    "ckpt_path",
+    "export_hf",
+    "trainer",  # engineering: devices, precision, logger, strategy plumbing
+    "callbacks.validation",
+    "callbacks.report",
+    "callbacks.checkpoint",
+    "callbacks.on_exception",
+    "callbacks.preemption",
+    "callbacks.entropy",  # monitoring and I/O, not the algorithm
+    "data.val_*",
+    "tool.num_workers",
 )
 EXIT_INTERRUPTED = 3  # train.py's exit status for a run stopped by a signal with a resumable checkpoint
 
@@ -69,7 +77,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or type(get_filesystem(path)).__name__ != "LocalFileSystem":
-            return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: their own rules
+            return super().save_checkpoint(
+                checkpoint, path, storage_options
+            )  # remote stores: their own rules
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(path)
@@ -118,9 +128,13 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # text file, truncated file, foreign pickle ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"ckpt_path={path} is not a readable Lightning checkpoint ({reason[:300]})") from e
+        raise CheckpointError(
+            f"ckpt_path={path} is not a readable Lightning checkpoint ({reason[:300]})"
+        ) from e
     if not isinstance(ckpt, dict) or "pytorch-lightning_version" not in ckpt:
-        raise CheckpointError(f"ckpt_path={path} is not a Lightning checkpoint (no 'pytorch-lightning_version')")
+        raise CheckpointError(
+            f"ckpt_path={path} is not a Lightning checkpoint (no 'pytorch-lightning_version')"
+        )
     return ckpt
 
 
@@ -173,8 +187,11 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path, *, check_dir: boo
     if ckpt_path == "auto":
         found = find_latest(run_dir)
         if found is None and used:
-            log.warning("ckpt_path=auto: no checkpoint in %s; starting a fresh run that replaces %s",
-                        run_dir, ", ".join(used))
+            log.warning(
+                "ckpt_path=auto: no checkpoint in %s; starting a fresh run that replaces %s",
+                run_dir,
+                ", ".join(used),
+            )
         log.info("ckpt_path=auto: %s", f"resuming from {found}" if found else "no checkpoint, fresh run")
         return str(found) if found else None
     if ckpt_path is None:
@@ -182,14 +199,16 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path, *, check_dir: boo
             raise CheckpointError(
                 f"run_dir={run_dir} already holds another run's outputs ({', '.join(used)}); a new run would "
                 f"overwrite them. Resume it with `ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}` (or "
-                f"`ckpt_path=auto run_dir={run_dir}`), or write elsewhere with `run_dir=<new dir>`.")
+                f"`ckpt_path=auto run_dir={run_dir}`), or write elsewhere with `run_dir=<new dir>`."
+            )
         return None
     read_checkpoint(ckpt_path)  # fails clearly before any process starts
     inside = run_dir.resolve() in Path(ckpt_path).resolve().parents
     if used and not inside:
         raise CheckpointError(
             f"run_dir={run_dir} already holds another run's outputs ({', '.join(used)}); resuming "
-            f"{ckpt_path} there would overwrite them. Choose an empty `run_dir=<new dir>`.")
+            f"{ckpt_path} there would overwrite them. Choose an empty `run_dir=<new dir>`."
+        )
     return str(ckpt_path)
 
 
@@ -216,7 +235,9 @@ def check_config(saved: dict | None, current: dict, ckpt_path: str) -> list[str]
     interpolated value differs only at its source key). Returns the safe differences (for a warning);
     raises :class:`CheckpointError` naming the others with their old and new values."""
     if saved is None:
-        log.warning("%s records no configuration (written before spear_lit recorded it): not compared", ckpt_path)
+        log.warning(
+            "%s records no configuration (written before spear_lit recorded it): not compared", ckpt_path
+        )
         return []
     diffs = config_diff(saved, current)
     refused = {k: v for k, v in diffs.items() if not is_safe_to_change(k)}
@@ -225,7 +246,8 @@ def check_config(saved: dict | None, current: dict, ckpt_path: str) -> list[str]
         raise CheckpointError(
             f"cannot resume {ckpt_path}: the configuration differs in key(s) that change the algorithm or "
             f"the data (checkpoint -> now):\n{lines}\nResume with the checkpoint's settings, or start a "
-            f"new run (ckpt_path=null) in a new run_dir.")
+            f"new run (ckpt_path=null) in a new run_dir."
+        )
     return [f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in diffs.items()]
 
 
@@ -240,5 +262,7 @@ def resume_hint(run_dir: str | Path, ckpt: str | Path | None) -> str:
     base = " ".join(["python train.py", *args])
     if ckpt is None:
         return f"no checkpoint was written; rerun `{base} run_dir=<new dir>`"
-    return (f"resume with `{base} ckpt_path=auto run_dir={run_dir}` "
-            f"(or `{base} ckpt_path={ckpt} run_dir={run_dir}`)")
+    return (
+        f"resume with `{base} ckpt_path=auto run_dir={run_dir}` "
+        f"(or `{base} ckpt_path={ckpt} run_dir={run_dir}`)"
+    )

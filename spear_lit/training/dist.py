@@ -18,7 +18,11 @@ def all_reduce(values, op: str = "sum") -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).clone()
     if world()[1] > 1:
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         t = t.to(dev)
         dist.all_reduce(t, op=ops[op])
         t = t.cpu()

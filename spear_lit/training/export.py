@@ -1,6 +1,6 @@
 """Export the policy as a Hugging Face checkpoint: from a live learner, or from any Lightning checkpoint.
 
-    python -m spear_lit.training.export outputs/.../checkpoints/last.ckpt out_dir
+python -m spear_lit.training.export outputs/.../checkpoints/last.ckpt out_dir
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def export_hf(learner, tokenizer, path: str | Path) -> Path:
         try:
             save_hf(model, tokenizer, path)  # all or nothing (see save_hf)
         except OSError as e:
-            raise RuntimeError(f"exporting the final policy failed: {e}. The trained weights are in the run's "
-                               "last checkpoint: `python -m spear_lit.training.export <run_dir>/checkpoints/"
-                               "last.ckpt <out dir>`") from e
+            raise RuntimeError(
+                f"exporting the final policy failed: {e}. The trained weights are in the run's "
+                "last checkpoint: `python -m spear_lit.training.export <run_dir>/checkpoints/"
+                "last.ckpt <out dir>`"
+            ) from e
     return Path(path)
 
 
@@ -43,11 +45,13 @@ def export_from_lightning(ckpt_path: str | Path, out: str | Path) -> Path:
     """Rebuild the policy from a single-file Lightning checkpoint written by ``PolicyLearner``."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if "hf_config" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a spear_lit checkpoint (no 'hf_config'); for a distributed "
-                         "checkpoint folder run `python -m lightning.fabric.utilities.consolidate_checkpoint` first")
+        raise ValueError(
+            f"{ckpt_path}: not a spear_lit checkpoint (no 'hf_config'); for a distributed "
+            "checkpoint folder run `python -m lightning.fabric.utilities.consolidate_checkpoint` first"
+        )
     config = AutoConfig.for_model(**ckpt["hf_config"])
     model = AutoModelForCausalLM.from_config(config)
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=False)
     tokenizer = PolicySource(ckpt.get("policy_path")).tokenizer()
     return save_hf(model, tokenizer, out)

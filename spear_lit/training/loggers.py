@@ -31,8 +31,10 @@ def make_logger(cls: str, requires: str | None = None, extra: str | None = None,
     """
     if requires and importlib.util.find_spec(requires) is None:
         how = f"pip install -e '.[{extra}]'" if extra else f"pip install {requires}"
-        raise ImportError(f"{cls.rsplit('.', 1)[-1]} needs the `{requires}` package, which is not installed: "
-                          f"run `{how}` (or choose another logger, e.g. logger=csv)")
+        raise ImportError(
+            f"{cls.rsplit('.', 1)[-1]} needs the `{requires}` package, which is not installed: "
+            f"run `{how}` (or choose another logger, e.g. logger=csv)"
+        )
     module, name = cls.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)(**kwargs)
 

@@ -38,14 +38,23 @@ class PolicyModule(L.LightningModule):
         reference: also keep a frozen copy of the initial policy (KL term).
     """
 
-    def __init__(self, policy, optimizer: Callable, *, temperature: float = 1.0, grad_clip: float = 1.0,
-                 reference: bool = False):
+    def __init__(
+        self,
+        policy,
+        optimizer: Callable,
+        *,
+        temperature: float = 1.0,
+        grad_clip: float = 1.0,
+        reference: bool = False,
+    ):
         super().__init__()
         self.policy_source, self.optimizer_factory = policy, optimizer
         self.temperature, self.grad_clip, self.reference = temperature, grad_clip, reference
         self.model = None
         self.ref_model = None
-        self.no_dropout = False  # RL sets it: the PPO ratio must compare the sampling distribution with itself
+        self.no_dropout = (
+            False  # RL sets it: the PPO ratio must compare the sampling distribution with itself
+        )
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -75,15 +84,20 @@ class PolicyModule(L.LightningModule):
         with a large vocabulary)."""
         model = model or self.model
         pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() derives them from the mask
-        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos,
-                     use_cache=False, logits_to_keep=keep).logits
+        return model(
+            input_ids=b.input_ids,
+            attention_mask=b.attention_mask,
+            position_ids=pos,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
 
     def token_stats(self, b: TokenBatch, model=None, entropy: bool = True):
         """Per-token ``logp [n, T]`` and entropy ``[n, T]`` of the response tokens of ``b``."""
         T = b.input_ids.shape[1] - b.prompt_width
         # positions P-1 .. P+T-2 predict the T response tokens: the LM head runs on the last T+1 positions only
         logits = self.forward_logits(b, model, keep=T + 1)[:, :-1].float() / self.temperature
-        logp = logprobs_from_logits(logits, b.input_ids[:, b.prompt_width:])
+        logp = logprobs_from_logits(logits, b.input_ids[:, b.prompt_width :])
         ent = entropy_from_logits(logits) if entropy else None
         return logp, ent
 
@@ -104,19 +118,34 @@ class PolicyLearner(PolicyModule):
         seed: seeds the per-step generator of Clip-Cov's random token choice.
     """
 
-    def __init__(self, policy, loss_terms: dict[str, Callable], optimizer: Callable, *, temperature: float = 1.0,
-                 grad_clip: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        policy,
+        loss_terms: dict[str, Callable],
+        optimizer: Callable,
+        *,
+        temperature: float = 1.0,
+        grad_clip: float = 1.0,
+        seed: int = 0,
+    ):
         if not loss_terms:
             raise ValueError("loss.terms is empty: give at least a policy term (e.g. loss=spear)")
         reference = any(getattr(t, "needs_reference", False) for t in loss_terms.values())
         super().__init__(policy, optimizer, temperature=temperature, grad_clip=grad_clip, reference=reference)
-        self.no_dropout = True  # samples and old log-probs come without dropout: so must the update's log-probs
+        self.no_dropout = (
+            True  # samples and old log-probs come without dropout: so must the update's log-probs
+        )
         self.terms, self.seed = dict(loss_terms), seed
         self.automatic_optimization = False
         self.sil_coef = 1.0  # c(t), pushed by the SILWarmup callback before each step
         self.skipped_steps = 0
         self.iteration_metrics: dict[str, list[float]] = defaultdict(list)
-        self._perf = {"perf/train_tokens": 0.0, "perf/train_s": 0.0, "perf/update_s": 0.0, "perf/replay_update_s": 0.0}
+        self._perf = {
+            "perf/train_tokens": 0.0,
+            "perf/train_s": 0.0,
+            "perf/update_s": 0.0,
+            "perf/replay_update_s": 0.0,
+        }
 
     def on_fit_start(self) -> None:
         # Under DDP we reduce gradients ourselves, once per optimizer step, after all micro-batches
@@ -127,7 +156,9 @@ class PolicyLearner(PolicyModule):
         self._manual_grad_sum = isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
 
     @torch.no_grad()
-    def old_logprobs(self, micro_batches: list[TokenBatch], entropy: list | None = None) -> list[torch.Tensor]:
+    def old_logprobs(
+        self, micro_batches: list[TokenBatch], entropy: list | None = None
+    ) -> list[torch.Tensor]:
         """``old_logp [n, T]`` of each micro-batch under the current weights (SPEAR_SPEC §0 step 6), with
         dropout off like sampling (the distribution the rows were drawn from). If ``entropy`` is a list, the
         per-token entropy ``[n, T]`` of each micro-batch is appended to it (pre-update, as the paper plots it)."""
@@ -139,11 +170,11 @@ class PolicyLearner(PolicyModule):
                 c = b.cropped().to(self.device)
                 logp, ent = self.token_stats(c, entropy=entropy is not None)
                 full = torch.zeros_like(b.old_logp)
-                full[:, :logp.shape[1]] = logp.cpu()
+                full[:, : logp.shape[1]] = logp.cpu()
                 out.append(full)
                 if entropy is not None:
                     full_ent = torch.zeros_like(b.old_logp)
-                    full_ent[:, :ent.shape[1]] = ent.cpu()
+                    full_ent[:, : ent.shape[1]] = ent.cpu()
                     entropy.append(full_ent)
         finally:
             self.model.train(was_training)
@@ -177,17 +208,23 @@ class PolicyLearner(PolicyModule):
                 else:
                     weighted[name] += float(v) * w
         self._reduce_gradients()
-        if deepspeed:  # ZeRO partitions p.grad away; the engine clips by its config (learner.grad_clip) in step()
+        if (
+            deepspeed
+        ):  # ZeRO partitions p.grad away; the engine clips by its config (learner.grad_clip) in step()
             grad_norm = 0.0
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         sums = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
-        if mb.old_logp_in_step and mb.iteration_record is not None:  # the pre-update entropy is this forward's
+        if (
+            mb.old_logp_in_step and mb.iteration_record is not None
+        ):  # the pre-update entropy is this forward's
             mb.iteration_record["metrics"]["policy/entropy"] = sums.get("policy/entropy", float("nan"))
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
-        elif math.isfinite(grad_norm) and all(math.isfinite(v) for k, v in sums.items() if k.startswith("loss")):
+        elif math.isfinite(grad_norm) and all(
+            math.isfinite(v) for k, v in sums.items() if k.startswith("loss")
+        ):
             opt.step()
             if deepspeed:
                 grad_norm = float(self.trainer.model.get_global_grad_norm() or 0.0)
@@ -215,9 +252,20 @@ class PolicyLearner(PolicyModule):
             with torch.no_grad():
                 ref, _ = self.token_stats(micro, model=self.ref_model, entropy=False)
         g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, self.global_step, k))
-        old_logp = logp.detach() if mb.old_logp_in_step else micro.old_logp  # same weights: exactly the old policy
-        x = TermInput(logp=logp, old_logp=old_logp, entropy=ent, advantages=micro.advantages,
-                      mask=micro.response_mask, norm=mb.norm, replay=mb.is_replay, generator=g, ref_logp=ref)
+        old_logp = (
+            logp.detach() if mb.old_logp_in_step else micro.old_logp
+        )  # same weights: exactly the old policy
+        x = TermInput(
+            logp=logp,
+            old_logp=old_logp,
+            entropy=ent,
+            advantages=micro.advantages,
+            mask=micro.response_mask,
+            norm=mb.norm,
+            replay=mb.is_replay,
+            generator=g,
+            ref_logp=ref,
+        )
         total = logp.sum() * 0.0  # keeps every rank's graph connected even for an all-masked micro-batch
         metrics: dict[str, float] = {}
         for name, term in self.terms.items():
@@ -246,12 +294,14 @@ class PolicyLearner(PolicyModule):
             dist.all_reduce(flat)
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
     def _record(self, metrics: dict[str, float], suffix: str) -> None:
-        named = {(k + suffix if k.startswith("policy/") or k.startswith("loss/") or k == "train/loss" else k): v
-                 for k, v in metrics.items()}
+        named = {
+            (k + suffix if k.startswith("policy/") or k.startswith("loss/") or k == "train/loss" else k): v
+            for k, v in metrics.items()
+        }
         for k, v in named.items():
             self.iteration_metrics[k].append(v)
         # callback_metrics only: the logger gets one row per RL iteration (IterationReport), not per step
@@ -269,15 +319,20 @@ class PolicyLearner(PolicyModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         # the metrics of the iteration's steps so far: a run resumed mid-iteration reports the whole iteration
-        checkpoint["learner"] = {"sil_coef": self.sil_coef, "skipped_steps": self.skipped_steps,
-                                 "iteration_metrics": {k: list(v) for k, v in self.iteration_metrics.items()},
-                                 "perf": dict(self._perf)}
+        checkpoint["learner"] = {
+            "sil_coef": self.sil_coef,
+            "skipped_steps": self.skipped_steps,
+            "iteration_metrics": {k: list(v) for k, v in self.iteration_metrics.items()},
+            "perf": dict(self._perf),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("learner", {})
         self.sil_coef = state.get("sil_coef", self.sil_coef)
         self.skipped_steps = state.get("skipped_steps", 0)
-        self.iteration_metrics = defaultdict(list, {k: list(v) for k, v in state.get("iteration_metrics", {}).items()})
+        self.iteration_metrics = defaultdict(
+            list, {k: list(v) for k, v in state.get("iteration_metrics", {}).items()}
+        )
         self._perf = dict(state.get("perf", self._perf))
 
 
@@ -294,19 +349,22 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def _global_step_metrics(additive: dict[str, float], weighted: dict[str, float], tokens: float) -> dict[str, float]:
+def _global_step_metrics(
+    additive: dict[str, float], weighted: dict[str, float], tokens: float
+) -> dict[str, float]:
     """One step's metrics over all ranks (one all-reduce): loss terms are sums of the ranks' parts (their
     normalizers are global), the others token means. Every rank computes the same terms, hence the same keys."""
     a, w = sorted(additive), sorted(weighted)
     total = all_reduce([*(additive[k] for k in a), *(weighted[k] for k in w), tokens], "sum").tolist()
-    out = dict(zip(a, total[:len(a)]))
-    out.update({k: v / max(total[-1], 1.0) for k, v in zip(w, total[len(a):-1])})
+    out = dict(zip(a, total[: len(a)]))
+    out.update({k: v / max(total[-1], 1.0) for k, v in zip(w, total[len(a) : -1])})
     return out
 
 
 def _is_deepspeed(module: L.LightningModule) -> bool:
     try:
         from lightning.pytorch.strategies import DeepSpeedStrategy
+
         return isinstance(module.trainer.strategy, DeepSpeedStrategy)
     except RuntimeError:  # not attached to a trainer
         return False
@@ -315,6 +373,7 @@ def _is_deepspeed(module: L.LightningModule) -> bool:
 def _is_model_parallel(module: L.LightningModule) -> bool:
     try:
         from lightning.pytorch.strategies import ModelParallelStrategy
+
         return isinstance(module.trainer.strategy, ModelParallelStrategy)
     except RuntimeError:  # not attached to a trainer
         return False

@@ -24,8 +24,17 @@ class SFTLearner(PolicyModule):
             than the few response tokens of a step do; the loss is the weighted mean over both.
     """
 
-    def __init__(self, policy, optimizer: Callable, *, warmup_steps: int = 50, total_steps: int = 1500,
-                 min_lr_ratio: float = 0.1, grad_clip: float = 1.0, prompt_loss_weight: float = 0.0):
+    def __init__(
+        self,
+        policy,
+        optimizer: Callable,
+        *,
+        warmup_steps: int = 50,
+        total_steps: int = 1500,
+        min_lr_ratio: float = 0.1,
+        grad_clip: float = 1.0,
+        prompt_loss_weight: float = 0.0,
+    ):
         super().__init__(policy, optimizer, grad_clip=grad_clip)
         if not 0.0 <= prompt_loss_weight:
             raise ValueError(f"prompt_loss_weight={prompt_loss_weight}: must be >= 0")
@@ -46,10 +55,12 @@ class SFTLearner(PolicyModule):
 
     def training_step(self, batch, batch_idx):
         b = batch.cropped()
-        logp = logprobs_from_logits(self.forward_logits(b)[:, :-1].float(), b.input_ids[:, 1:])  # j predicts j+1
+        logp = logprobs_from_logits(
+            self.forward_logits(b)[:, :-1].float(), b.input_ids[:, 1:]
+        )  # j predicts j+1
         real = b.attention_mask.float()
         w = real[:, 1:] * real[:, :-1] * self.prompt_loss_weight  # prompt targets after a real token
-        w[:, b.prompt_width - 1:] = b.response_mask  # response targets: the loss mask
+        w[:, b.prompt_width - 1 :] = b.response_mask  # response targets: the loss mask
         loss = -(logp * w).sum() / w.sum().clamp(min=1e-8)  # weighted mean (w = 0: over the response mask)
         self.log("sft/loss", loss, prog_bar=True, batch_size=len(b))
         return loss

@@ -49,9 +49,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         # Lightning passes root_device.index as DeepSpeed's device rank: None on CPU, which DeepSpeed compares
         # with 0. The process's local rank is what DeepSpeed's CPU accelerator expects.
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False)
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
         return engine, ds_optimizer
 
     @contextlib.contextmanager

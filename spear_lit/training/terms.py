@@ -32,8 +32,13 @@ class TermInput:
 
     def aggregate(self, fn: Callable, per_token: torch.Tensor) -> torch.Tensor:
         """Aggregate ``per_token [n, T]`` with the global normalizers."""
-        return fn(per_token, self.mask, num_rows=self.norm.num_rows, num_tokens=self.norm.num_tokens,
-                  max_len=self.norm.max_len)
+        return fn(
+            per_token,
+            self.mask,
+            num_rows=self.norm.num_rows,
+            num_tokens=self.norm.num_tokens,
+            max_len=self.norm.max_len,
+        )
 
 
 class PolicyTerm:

@@ -54,7 +54,9 @@ def test_parse_command():
     assert parse_command(" Click[ Buy  Now ] ") == ("click", "buy now")
     assert parse_command("search[Running Shoes black]") == ("search", "Running Shoes black")
     assert (
-        parse_command("buy now") is None and parse_command("click buy now") is None and parse_command("") is None
+        parse_command("buy now") is None
+        and parse_command("click buy now") is None
+        and parse_command("") is None
     )
 
 
@@ -222,7 +224,8 @@ def test_asin_prefix_changes_only_the_ids(shop):
     short = get_shop(300, 0, "")
     assert [p.asin for p in short.products] == [p.asin[2:] for p in shop.products]
     assert [(p.title, p.price, p.options) for p in short.products] == [
-        (p.title, p.price, p.options) for p in shop.products]
+        (p.title, p.price, p.options) for p in shop.products
+    ]
     assert [g.instruction for g in short.goals] == [g.instruction for g in shop.goals]
     a, b = WebShopEnv(split="val", asin_prefix=""), WebShopEnv(split="val")
     a.reset(3), b.reset(3)

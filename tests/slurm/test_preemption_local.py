@@ -25,16 +25,22 @@ EXIT_INTERRUPTED = 3  # spear_lit.training.checkpoints.EXIT_INTERRUPTED
 
 def _train(run_dir: Path, *extra: str) -> subprocess.Popen:
     args = [*TINY_RUN, "iterations=2", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra", *extra]
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
-                            env={**subprocess_env(), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env={**subprocess_env(), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (what SLURM's proctrack/linuxproc signals)."""
     try:
-        kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir()
-                for k in (t / "children").read_text().split()]
+        kids = [
+            int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()
+        ]
     except OSError:
         return [pid]
     return [pid, *(p for k in kids for p in _tree(k))]

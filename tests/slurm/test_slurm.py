@@ -51,10 +51,28 @@ class Job:
 
     def __init__(self, root: Path, name: str, sbatch_opts: list[str], overrides: list[str]):
         self.run_dir, self.log_pattern = root / name, root / f"{name}-%j.out"
-        env = {**subprocess_env(), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "RUN_DIR": str(self.run_dir)}
-        out = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={self.log_pattern}",
-                              *sbatch_opts, "scripts/slurm/train.sbatch", *overrides],
-                             cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        env = {
+            **subprocess_env(),
+            "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable,
+            "RUN_DIR": str(self.run_dir),
+        }
+        out = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--job-name={name}",
+                f"--output={self.log_pattern}",
+                *sbatch_opts,
+                "scripts/slurm/train.sbatch",
+                *overrides,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         self.id = out.stdout.strip().split(";")[0]
         self.log = Path(str(self.log_pattern).replace("%j", self.id))
 
@@ -72,7 +90,9 @@ class Job:
     def wait(self, timeout: float = 400) -> dict[str, str]:
         deadline = time.time() + timeout
         while self.queued():
-            assert time.time() < deadline, f"job {self.id} still queued after {timeout} s:\n{self.text()[-3000:]}"
+            assert time.time() < deadline, (
+                f"job {self.id} still queued after {timeout} s:\n{self.text()[-3000:]}"
+            )
             time.sleep(2)
         return self.info()
 
@@ -80,7 +100,9 @@ class Job:
         deadline = time.time() + timeout
         while not predicate():
             assert self.queued(), f"job {self.id} ended before {what}:\n{self.text()[-3000:]}"
-            assert time.time() < deadline, f"job {self.id}: no {what} after {timeout} s:\n{self.text()[-3000:]}"
+            assert time.time() < deadline, (
+                f"job {self.id}: no {what} after {timeout} s:\n{self.text()[-3000:]}"
+            )
             time.sleep(1)
 
     def text(self) -> str:
@@ -154,7 +176,9 @@ def test_requeue_and_time_limit_warning_resume_by_themselves(submit, reference):
     log = job.text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert info["Restarts"] == "2", log[-3000:]
-    assert log.count("SIGTERM: saved") == 1 and log.count("SIGUSR1 (time-limit warning): saved") == 1, log[-3000:]
+    assert log.count("SIGTERM: saved") == 1 and log.count("SIGUSR1 (time-limit warning): saved") == 1, log[
+        -3000:
+    ]
     assert f"requeued SLURM job {job.id}" in log
     assert log.count("ckpt_path=auto: resuming from") == 2 * 2  # two restarts, logged by both ranks
     assert not list(job.run_dir.rglob("hpc_ckpt_*.ckpt"))  # Lightning's own auto-requeue stayed off

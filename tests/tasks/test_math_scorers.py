@@ -34,8 +34,11 @@ def test_math_verify_works_off_the_main_thread():
 
 @pytest.mark.parametrize("task", [ArithmeticToolTask, FileMathTask])
 def test_a_scorer_given_by_name_says_how_to_select_one(task):
-    with pytest.raises(ValueError, match=r"scorer='math_verify' must be a callable.*_target_: spear_lit\.tasks\."
-                                         r"scoring\.strict_box"):
+    with pytest.raises(
+        ValueError,
+        match=r"scorer='math_verify' must be a callable.*_target_: spear_lit\.tasks\."
+        r"scoring\.strict_box",
+    ):
         task(scorer="math_verify")
 
 
@@ -46,5 +49,7 @@ def test_the_task_configs_select_their_scorer_by_target():
     conf = Path(__file__).resolve().parents[2] / "conf" / "task"
     scorer = instantiate(OmegaConf.load(conf / "arithmetic.yaml").scorer)
     assert scorer("\\boxed{4}", "4") == (1.0, "4") and scorer("\\boxed{04}", "4")[0] == -1.0
-    picked = instantiate(OmegaConf.create({"_target_": "spear_lit.tasks.scoring.math_verify_score", "_partial_": True}))
+    picked = instantiate(
+        OmegaConf.create({"_target_": "spear_lit.tasks.scoring.math_verify_score", "_partial_": True})
+    )
     assert picked("\\boxed{\\frac{1}{2}}", "0.5")[0] == 1.0

@@ -36,7 +36,9 @@ def test_expert_gap_rate_split_and_determinism():
     assert abs(second - 0.15) < 0.02  # binomial std at n=4000: 0.006
     val = task.val_problems()
     assert len({p.prompt for p in val}) == 100 and val == TwoStepToolTask(val_size=100).val_problems()
-    assert all(in_val_half(p.meta["expr"]) for p in val) and not any(in_val_half(p.meta["expr"]) for p in train)
+    assert all(in_val_half(p.meta["expr"]) for p in val) and not any(
+        in_val_half(p.meta["expr"]) for p in train
+    )
     assert all(p.answer == str(eval(p.meta["expr"])) for p in train[:200] + val)
     assert train[:50] == TwoStepToolTask().train_problems(50, random.Random(3))
 

@@ -356,7 +356,9 @@ def test_no_zombies_under_a_trainer_running_as_pid_1(tmp_path):
     script.write_text(PID1_TRAINER.replace("REPO", repr(str(REPO))))
     out = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["zombies 0", "left after close 0"]
@@ -409,7 +411,9 @@ print(libc.syscall(248, b'user', b'k', b'v', 1, -3), os.strerror(ctypes.get_errn
 def test_a_killed_worker_is_replaced_and_every_call_gets_an_answer():
     with CodeInterpreter(timeout_s=5, num_workers=3) as tool:
         # The worker is its sandbox's init: the call's own kill(1) is ignored by the kernel.
-        assert tool(["import os, signal\nos.kill(1, signal.SIGKILL)\nprint('worker alive')"]) == ["worker alive"]
+        assert tool(["import os, signal\nos.kill(1, signal.SIGKILL)\nprint('worker alive')"]) == [
+            "worker alive"
+        ]
         tool.pop_stats()
         # Killing the workers from outside mid-batch (a crash): every call still gets an answer.
         codes = [f"import time\ntime.sleep(1.0)\nprint({i})" for i in range(6)]
@@ -425,12 +429,14 @@ def test_a_killed_worker_is_replaced_and_every_call_gets_an_answer():
 
 def test_cpu_budget_stops_busy_code_and_the_wall_net_stops_sleeping_code():
     with CodeInterpreter(timeout_s=3, cpu_s=0.5, num_workers=2) as tool:
-        busy, forked, sleepy = tool.execute_batch([
-            "while True:\n    pass",
-            # three busy processes, each under the budget alone: the budget is per call
-            "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        while True: pass\ntime.sleep(30)",
-            "import time\ntime.sleep(30)",
-        ])
+        busy, forked, sleepy = tool.execute_batch(
+            [
+                "while True:\n    pass",
+                # three busy processes, each under the budget alone: the budget is per call
+                "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        while True: pass\ntime.sleep(30)",
+                "import time\ntime.sleep(30)",
+            ]
+        )
         assert busy.limit == "cpu" and busy.cpu_s >= 0.5 and busy.duration_s < 3
         assert forked.limit == "cpu" and forked.cpu_s >= 0.5 and forked.duration_s < 3
         assert sleepy.limit == "wall" and sleepy.timed_out and sleepy.duration_s >= 3

@@ -35,8 +35,9 @@ for i in range(int(start), int(stop)):
 """
 
 
-def ensure_games(root: str | Path, split: str, *, seed: int, start: int, stop: int,
-                 python: str | None = None) -> str:
+def ensure_games(
+    root: str | Path, split: str, *, seed: int, start: int, stop: int, python: str | None = None
+) -> str:
     """The ``data_path`` holding games ``start..stop-1`` (drawn with ``seed``) under its ``split`` folder,
     generating them first if no complete copy exists under ``root``."""
     if not 0 <= start < stop:
@@ -58,24 +59,38 @@ def _generate(data_path: Path, split: str, seed: int, start: int, stop: int, pyt
     partial = data_path / f".{split}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(data_path / split, ignore_errors=True)  # left by an interrupted earlier attempt
-    log.info("generating ALFWorld games %d..%d (seed %d) for split %r into %s (first use, ~1 s per game)",
-             start, stop - 1, seed, split, data_path)
+    log.info(
+        "generating ALFWorld games %d..%d (seed %d) for split %r into %s (first use, ~1 s per game)",
+        start,
+        stop - 1,
+        seed,
+        split,
+        data_path,
+    )
     t0 = time.perf_counter()
     env = dict(os.environ)  # the child must import this spear_lit, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[3]),
-                                                      env.get("PYTHONPATH")]))
-    proc = subprocess.run([python, "-c", _GENERATE, str(partial), str(seed), split, str(start), str(stop)],
-                          env=env, capture_output=True, text=True)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[3]), env.get("PYTHONPATH")])
+    )
+    proc = subprocess.run(
+        [python, "-c", _GENERATE, str(partial), str(seed), split, str(start), str(stop)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"generating ALFWorld games failed (does {python} have the `alfworld` extra?):\n"
-                           + "\n".join(proc.stderr.strip().splitlines()[-5:]))
+        raise RuntimeError(
+            f"generating ALFWorld games failed (does {python} have the `alfworld` extra?):\n"
+            + "\n".join(proc.stderr.strip().splitlines()[-5:])
+        )
     (partial / split).rename(data_path / split)
     shutil.rmtree(partial, ignore_errors=True)
     log.info("wrote %d ALFWorld games in %.1f s", stop - start, time.perf_counter() - t0)
 
 
-def generated_env(*, split: str, data_path: str, games: dict, seed: int = 0, python: str | None = None,
-                  **env_kwargs) -> AlfWorldEnv:
+def generated_env(
+    *, split: str, data_path: str, games: dict, seed: int = 0, python: str | None = None, **env_kwargs
+) -> AlfWorldEnv:
     """An :class:`AlfWorldEnv` on generated games of ``split`` (generated into ``data_path`` on first use).
 
     Args:

@@ -58,8 +58,10 @@ class Shop:
     def __init__(self, *, num_products: int = 300, seed: int = 0, asin_prefix: str = "B0"):
         if not re.fullmatch(r"[A-Z0-9]*", asin_prefix):
             raise ValueError(f"asin_prefix={asin_prefix!r}: upper-case letters and digits only")
-        self.products = [dataclasses.replace(p, asin=asin_prefix + p.asin[2:])
-                         for p in generate_catalogue(num_products, seed)]
+        self.products = [
+            dataclasses.replace(p, asin=asin_prefix + p.asin[2:])
+            for p in generate_catalogue(num_products, seed)
+        ]
         self.by_asin = {p.asin.lower(): p for p in self.products}
         self.goals: list[Goal] = make_goals(self.products, seed)
         # Indexed text: title, type, attributes, bullet points and description (not options or price).
