@@ -125,8 +125,10 @@ slurm-up:
 slurm-down:
 	scripts/slurm/local_cluster.sh down
 
+# CI runs it: lint rules and the formatter's output (ruff is pinned in the dev extra: its format changes by version)
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs multirun runs .pytest_cache
