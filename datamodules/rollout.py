@@ -221,14 +221,7 @@ class RolloutDataModule(L.LightningDataModule):
         stats = self._rollout_stats(samples, rows, gen_s, agent_stats)
         stats["filter/groups_dropped"] = float(dropped)
         self._check_tool(t, stats)
-        logp_start = time.perf_counter()
-        rows_all_ranks = sum(all_gather_objects(len(batch)))
-        in_step = self.replay is None and self.ppo_epochs == 1 and rows_all_ranks <= self.mini_batch_rows
-        if not in_step:  # else the only step's own forward gives them (MiniBatch.old_logp_in_step)
-            stats["policy/entropy"] = self._fill_old_logp(
-                batch
-            )  # pre-update (the updates': policy/entropy_update)
-        stats["perf/old_logp_s"] = time.perf_counter() - logp_start
+        in_step = self._old_logp(batch, stats)
         steps = self._on_policy_steps(batch, t)
         for s in steps:
             s.old_logp_in_step = in_step
@@ -363,6 +356,18 @@ class RolloutDataModule(L.LightningDataModule):
         )
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
+
+    def _old_logp(self, batch: TokenBatch, stats: dict) -> bool:
+        """Old log-probs and the pre-update ``policy/entropy`` (:meth:`_fill_old_logp`), unless the iteration
+        is a single optimizer step without replay: that step starts from the weights that sampled its rows,
+        so its own forward gives both (``MiniBatch.old_logp_in_step``; returns True)."""
+        start = time.perf_counter()
+        rows = sum(all_gather_objects(len(batch)))
+        in_step = self.replay is None and self.ppo_epochs == 1 and rows <= self.mini_batch_rows
+        if not in_step:
+            stats["policy/entropy"] = self._fill_old_logp(batch)  # the updates' is policy/entropy_update
+        stats["perf/old_logp_s"] = time.perf_counter() - start
+        return in_step
 
     def _fill_old_logp(self, batch: TokenBatch) -> float:
         """``batch.old_logp`` under the current weights (SPEAR_SPEC §0 step 6), before any update of ``t``;
