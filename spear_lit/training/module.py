@@ -196,9 +196,9 @@ class PolicyLearner(PolicyModule):
         deepspeed = _is_deepspeed(self)
         for k, micro in enumerate(mb.micro_batches):
             micro = micro.cropped().to(self.device)
+            if deepspeed:
+                _deepspeed_micro_step(self.trainer.model, last=k == len(mb.micro_batches) - 1)
             loss, metrics = self._micro_loss(micro, mb, k)
-            if deepspeed:  # DeepSpeed reduces at a boundary only; every backward is one unless told otherwise
-                self.trainer.model.set_gradient_accumulation_boundary(k == len(mb.micro_batches) - 1)
             self.manual_backward(loss * scale)
             w = float(micro.response_mask.sum())
             tokens += w
@@ -368,6 +368,19 @@ def _is_deepspeed(module: L.LightningModule) -> bool:
         return isinstance(module.trainer.strategy, DeepSpeedStrategy)
     except RuntimeError:  # not attached to a trainer
         return False
+
+
+def _deepspeed_micro_step(engine, last: bool) -> None:
+    """Before each micro-batch's forward, what ``DeepSpeedEngine.forward`` would do if the micro-batch went
+    through it (Lightning calls it once per ``training_step``, around all micro-batches): start a new
+    micro-step (ZeRO-3 counts micro-steps there and would otherwise *overwrite* the partitioned gradient
+    with each backward, keeping only the last micro-batch's), and mark only the last backward as the
+    gradient-accumulation boundary (every backward is one unless told otherwise)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):  # as DeepSpeedEngine.forward tests it
+        engine.optimizer.clear_backward_seen_flag()
+    engine.set_gradient_accumulation_boundary(last)
 
 
 def _is_model_parallel(module: L.LightningModule) -> bool:
