@@ -116,5 +116,7 @@ def test_zero_rolls_out_and_steps_like_ddp_on_two_cpu_processes(stage, runs):
 def test_zero_update_and_grad_norm_equal_ddp(stage, runs):
     update, row = runs(stage)
     ddp_update, ddp_row = runs("ddp")
-    torch.testing.assert_close(update, ddp_update, rtol=0, atol=1e-7)  # updates ~1.5e-4; measured 3.7e-9 (2), 7.5e-9 (3)
+    torch.testing.assert_close(
+        update, ddp_update, rtol=0, atol=1e-7
+    )  # updates ~1.5e-4; measured 3.7e-9 (2), 7.5e-9 (3)
     assert float(row["policy/grad_norm"]) == pytest.approx(float(ddp_row["policy/grad_norm"]), rel=1e-4)
