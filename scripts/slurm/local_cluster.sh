@@ -128,7 +128,10 @@ down() {
     scontrol shutdown >/dev/null 2>&1 || true
   fi
   local pids=() f p i
-  for f in /run/slurmctld.pid /run/slurmd-*.pid; do alive "$f" && pids+=("$(cat "$f")"); done
+  # read each pid once: a daemon that `scontrol shutdown` reached removes its pid file at any moment
+  for f in /run/slurmctld.pid /run/slurmd-*.pid; do
+    p=$(cat "$f" 2>/dev/null) && kill -0 "$p" 2>/dev/null && pids+=("$p")
+  done
   for i in $(seq 40); do
     local left=()
     for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
