@@ -100,6 +100,12 @@ def _primary() -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))
 
 
+def _agent(choices) -> str:
+    """The agent group chosen (``math_tool``, ``alfworld_tiny``, ...), with its task for the math agent."""
+    agent = next((v for k, v in choices.items() if k.startswith("agent@") or k == "agent"), None)
+    return f"{agent} (task {choices.get('task')})" if agent in (None, "math_tool") else agent
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     if (
@@ -109,11 +115,11 @@ def main(cfg: DictConfig) -> None:
 
         c, out = HydraConfig.get().runtime.choices, HydraConfig.get().runtime.output_dir
         log.info(
-            "experiment %s | model %s | task %s | algorithm %s | rollout %s | trainer %s | run dir %s "
+            "experiment %s | model %s | agent %s | algorithm %s | rollout %s | trainer %s | run dir %s "
             "(config: %s/.hydra/config.yaml)",
             c.get("experiment", "tiny_spear (default)"),
             cfg.model.get("path") or c.get("model"),
-            c.get("task"),
+            _agent(c),
             c.get("loss"),
             c.get("rollout"),
             c.get("trainer"),

@@ -57,7 +57,7 @@ COLUMNS = [
 ]
 CURVES = [
     ("val_greedy", "held-out success (greedy)"),
-    ("val_sampled", "held-out success (sampled, T=1)"),
+    ("val_sampled", "held-out success (sampled)"),
     ("rollout/success_rate", "training success (T=1)"),
     ("policy/entropy", "entropy (pre-update)"),
     ("rollout/response_len_mean", "response length (tokens)"),
@@ -171,12 +171,27 @@ def summarize(d: Path) -> dict:
         if wall.exists()
         else sum(r.get("perf/iteration_s", 0.0) for r in rows),
         "iterations": float(len(rows)),
+        **validation_setup(d),
         "curves": {
             "iteration": [r["iteration"] for r in rows],
             **{key: [r.get(key, math.nan) for r in rows] for key, _ in CURVES[2:]},
             "val_greedy": [r.get(greedy, math.nan) for r in rows],
             "val_sampled": [r.get(sampled, math.nan) for r in rows],
         },
+    }
+
+
+def validation_setup(d: Path) -> dict:
+    """The run's held-out set size and sampling temperature, from its composed config (NaN if absent)."""
+    path = d / "hydra" / ".hydra" / "config.yaml"
+    if not path.exists():
+        return {"val problems": math.nan, "val temperature": math.nan}
+    import yaml
+
+    data = yaml.safe_load(path.read_text()).get("data", {})
+    return {
+        "val problems": float(data.get("val_max_problems") or math.nan),
+        "val temperature": float(data.get("val_temperature", math.nan)),
     }
 
 
@@ -203,7 +218,7 @@ def report(results: dict[str, dict[int, dict]], *, iterations: int, command: str
         f"`{command}`",
         "",
         f"Mean ± sample std over seeds; {iterations} iterations requested per run. Held-out: the final "
-        "validation (greedy; sampled at T = 1). Training success: rollouts at T = 1, first and last fifth of "
+        "validation (greedy, and sampled at the task's validation temperature, stated per task). Training success: rollouts at T = 1, first and last fifth of "
         "the iterations; AUC = mean training success over all iterations. Entropy: pre-update token mean of "
         "the last iteration. Wall time: per run.",
         "",
@@ -224,6 +239,13 @@ def report(results: dict[str, dict[int, dict]], *, iterations: int, command: str
             ]
             lines.append(f"| {e} | {','.join(map(str, sorted(runs)))} | " + " | ".join(cells) + " |")
             starts += [(r["start greedy"], r["start sampled"]) for r in runs.values()]
+        setups = {(r["val problems"], r["val temperature"]) for e in exps for r in results[e].values()}
+        lines += [
+            "",
+            "Held-out set: "
+            + "; ".join(f"{n:.0f} problems, sampled at T = {t:g}" for n, t in sorted(setups))
+            + " (`data.val_max_problems`, `data.val_temperature`).",
+        ]
         if starts:
             lines += [
                 "",

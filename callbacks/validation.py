@@ -71,6 +71,8 @@ class Validation(L.Callback):
         dm = rollout_data(trainer)
         if self.at_start and dm.iteration == 0:
             pl_module.initial_validation = self._run(dm, 0)  # the report's summary compares against it
+        elif self.results and self.results[0]["iteration"] == 0:  # resumed: the checkpoint kept it
+            pl_module.initial_validation = {k: v for k, v in self.results[0].items() if k != "iteration"}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)

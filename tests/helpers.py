@@ -32,6 +32,30 @@ TINY_RUN_WITH_VALIDATION = [
 TINY_RUN = [*TINY_RUN_WITH_VALIDATION, "~callbacks.validation"]
 
 
+def tiny_learner(terms: dict, **kw):
+    """An in-process :class:`PolicyLearner` on a random 32-wide policy, optimizer off (lr 0)."""
+    from spear_lit.policy import PolicySource
+    from spear_lit.training import PolicyLearner
+
+    learner = PolicyLearner(
+        PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
+        terms,
+        lambda p: torch.optim.SGD(p, lr=0.0),
+        **kw,
+    )
+    learner.configure_model()
+    return learner
+
+
+def micro_grads(learner, mb) -> torch.Tensor:
+    """The flattened gradient of one mini-batch ``mb``, accumulated over its micro-batches."""
+    learner.model.zero_grad()
+    for k, m in enumerate(mb.micro_batches):
+        loss, _ = learner._micro_loss(m.cropped(), mb, k)
+        loss.backward()
+    return torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+
+
 def compose_cfg(run_dir, overrides=()):
     """The composed config for ``overrides`` with outputs under ``run_dir``."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

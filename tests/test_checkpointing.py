@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,13 @@ class Interrupt(L.Callback):
                 self._fire()
 
 
+def _summary_start(stdout: str) -> list[tuple[str, str]]:
+    """``(metric, value at iteration 0)`` of the closing summary's validation lines (none may be nan)."""
+    start = re.findall(r"^\s*(val/\S+)\s+(\S+) -> ", stdout, re.M)
+    assert all(v != "nan" for _, v in start), stdout[-2000:]
+    return start
+
+
 def _run(args, timeout=600):
     run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
     return subprocess.run(
@@ -108,6 +116,7 @@ def reference(tmp_path_factory) -> Path:
     proc = _run([*RUN, f"run_dir={run_dir}", "ckpt_path=auto"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ckpt_path=auto: no checkpoint, fresh run" in proc.stderr + proc.stdout
+    (run_dir / "stdout.txt").write_text(proc.stdout)
     assert [int(r["iteration"]) for r in _rows(run_dir)] == [1, 2, 3]
     assert float(_rows(run_dir)[2]["buffer/replayed"] or 0) > 0  # replay fired: its queue is tested below
     return run_dir
@@ -141,6 +150,9 @@ def test_interrupt_at_any_phase_resumes_to_the_uninterrupted_run(tmp_path, refer
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"ckpt_path=auto: resuming from {saved}" in resumed.stderr + resumed.stdout
     assert _rows(tmp_path) == _rows(reference)
+    # the summary still compares against the initial policy's validation (iteration 0, before the interrupt)
+    start = _summary_start(resumed.stdout)
+    assert start and start == _summary_start((reference / "stdout.txt").read_text()), resumed.stdout[-2000:]
     from spear_lit.policy import PolicySource
 
     assert sum(p.numel() for p in PolicySource(str(tmp_path / "policy_hf")).model().parameters()) > 100_000

@@ -10,21 +10,12 @@ import csv
 import math
 
 import torch
-from helpers import TINY_RUN, compose_cfg
+from helpers import TINY_RUN, compose_cfg, micro_grads, tiny_learner
 
 from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm
 from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
-from spear_lit.policy import PolicySource
-from spear_lit.training import EntropyTerm, PolicyLearner, PolicyTerm
+from spear_lit.training import EntropyTerm, PolicyTerm
 from train import train
-
-
-def _grads(learner: PolicyLearner, mb: MiniBatch) -> torch.Tensor:
-    learner.model.zero_grad()
-    for k, m in enumerate(mb.micro_batches):
-        loss, _ = learner._micro_loss(m.cropped(), mb, k)
-        loss.backward()
-    return torch.cat([p.grad.flatten() for p in learner.model.parameters()])
 
 
 def test_in_step_old_logp_gives_the_same_gradient_as_the_separate_pass():
@@ -34,12 +25,7 @@ def test_in_step_old_logp_gives_the_same_gradient_as_the_separate_pass():
         ),
         "entropy": EntropyTerm(coef=0.01, aggregation=seq_mean_token_sum_norm),
     }
-    learner = PolicyLearner(
-        PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
-        terms,
-        lambda p: torch.optim.SGD(p, lr=0.0),
-    )
-    learner.configure_model()
+    learner = tiny_learner(terms)
     g = torch.Generator().manual_seed(0)
     rows = [
         {
@@ -55,9 +41,11 @@ def test_in_step_old_logp_gives_the_same_gradient_as_the_separate_pass():
     separate = [p.cropped() for p in parts]
     for p, old in zip(separate, learner.old_logprobs(separate)):
         p.old_logp = old
-    expected = _grads(learner, MiniBatch(micro_batches=separate, kind="on_policy", norm=norm, iteration=1))
+    expected = micro_grads(
+        learner, MiniBatch(micro_batches=separate, kind="on_policy", norm=norm, iteration=1)
+    )
     assert all(float(p.old_logp.abs().sum()) == 0 for p in parts)  # nothing filled: the step must supply them
-    in_step = _grads(
+    in_step = micro_grads(
         learner,
         MiniBatch(micro_batches=parts, kind="on_policy", norm=norm, iteration=1, old_logp_in_step=True),
     )

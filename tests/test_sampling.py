@@ -206,3 +206,46 @@ def test_the_rl_learner_trains_without_dropout(ckpt):
     ids = torch.tensor([probe_prompt(learner.model, tok)])
     a, b = (learner.model(input_ids=ids).logits for _ in range(2))
     assert torch.equal(a, b)
+
+
+def test_preallocated_kv_cache_decodes_exactly_like_transformers_default(ckpt):
+    """Greedy continuations of left-padded prompts of different lengths are identical with the engine's
+    preallocated cache and with transformers' concatenating DynamicCache, also when a layer outgrows its
+    first buffer (capacity 3: reallocated while decoding), and through the engine, which prefills each
+    distinct prompt once and copies its cache out to the rows that share it."""
+    from transformers import GenerationConfig
+    from transformers.cache_utils import Cache, DynamicCache
+
+    from spear_lit.rollout.hf_engine import PreallocatedLayer
+
+    src = PolicySource(str(ckpt))
+    model, tok = src.model().eval(), src.tokenizer()
+    prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in ("What is 12 + 34?", "Hi", "2*3=")]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    eng = HFEngine()
+    eng.bind(model, tok)
+    config = eng.generation_config(max_new_tokens=20, temperature=1.0, top_p=1.0, greedy=True)
+    model.generation_config = GenerationConfig()  # as the engine does: nothing of the checkpoint's
+    outs = []
+    for cache in (
+        DynamicCache(),
+        Cache(layers=[PreallocatedLayer(width + 20) for _ in range(2)]),
+        Cache(layers=[PreallocatedLayer(3) for _ in range(2)]),
+    ):
+        with torch.no_grad():
+            outs.append(
+                model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache
+                ).tolist()
+            )
+    assert outs[0] == outs[1] == outs[2]
+    assert min(len(o) for o in outs[0]) > width + 5  # it did decode, past the small buffer
+    # the engine: shared prompts prefilled once per distinct prompt, then decoded on the copied cache
+    got = eng.generate([*prompts, *prompts[::-1]], max_new_tokens=[20] * 6, greedy=True)
+    want = []
+    for row in outs[0]:
+        row = row[width:]
+        want.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
+    assert got == [*want, *want[::-1]]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from helpers import TINY_RUN, OnPolicySpy, compose_cfg
+from helpers import TINY_RUN, OnPolicySpy, compose_cfg, micro_grads, tiny_learner
 from hydra.utils import instantiate
 
 from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm, token_mean
 from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
-from spear_lit.policy import PolicySource
-from spear_lit.training import EntropyTerm, PolicyLearner, PolicyTerm
+from spear_lit.training import EntropyTerm, PolicyTerm
 from train import train
 
 
@@ -21,16 +20,6 @@ def test_rollouts_use_the_weights_after_the_previous_iteration(tmp_path):
     for t, digest in spy.at_generation:
         assert digest == spy.after_iteration[t - 1], f"iteration {t} sampled from stale or future weights"
     assert len(set(spy.after_iteration.values())) == 4  # every iteration really changed the policy
-
-
-def _learner(terms: dict) -> PolicyLearner:
-    learner = PolicyLearner(
-        PolicySource(tiny={"hidden_size": 32, "intermediate_size": 64}),
-        terms,
-        lambda p: torch.optim.SGD(p, lr=0.0),
-    )
-    learner.configure_model()
-    return learner
 
 
 def _random_batch(n: int, seed: int = 0) -> TokenBatch:
@@ -49,13 +38,8 @@ def _random_batch(n: int, seed: int = 0) -> TokenBatch:
     return TokenBatch.from_rows(rows, pad_id=257, advantages=torch.randn(n, generator=g))
 
 
-def _grads(learner: PolicyLearner, micro: list[TokenBatch], norm: Normalizers) -> torch.Tensor:
-    learner.model.zero_grad()
-    mb = MiniBatch(micro_batches=micro, kind="on_policy", norm=norm, iteration=1)
-    for k, m in enumerate(micro):
-        loss, _ = learner._micro_loss(m.cropped(), mb, k)
-        loss.backward()
-    return torch.cat([p.grad.flatten() for p in learner.model.parameters()])
+def _grads(learner, micro: list[TokenBatch], norm: Normalizers) -> torch.Tensor:
+    return micro_grads(learner, MiniBatch(micro_batches=micro, kind="on_policy", norm=norm, iteration=1))
 
 
 def test_gradient_is_the_same_for_one_or_several_micro_batches():
@@ -64,7 +48,7 @@ def test_gradient_is_the_same_for_one_or_several_micro_batches():
             "policy": PolicyTerm(objective=lambda *a: ppo_clip_loss(*a, clip_high=0.28), aggregation=agg),
             "entropy": EntropyTerm(coef=0.01, aggregation=agg),
         }
-        learner = _learner(terms)
+        learner = tiny_learner(terms)
         batch = _random_batch(8)
         norm = Normalizers(num_rows=8, num_tokens=int(batch.response_mask.sum()), max_len=16)
         whole = _grads(learner, [batch], norm)
@@ -87,7 +71,7 @@ def test_replay_steps_follow_on_policy_with_stored_logp_replay_triple_and_coeffi
         return fn
 
     term = PolicyTerm(objective=objective("on"), aggregation=token_mean, replay_objective=objective("replay"))
-    learner = _learner({"policy": term})
+    learner = tiny_learner({"policy": term})
     batch = _random_batch(4, seed=1)
     norm = Normalizers(num_rows=4, num_tokens=int(batch.response_mask.sum()), max_len=16)
     grads = {}
@@ -150,7 +134,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_loss_skips_the_step_and_is_counted():
-    learner = _learner({"policy": PolicyTerm(objective=ppo_clip_loss, aggregation=token_mean)})
+    learner = tiny_learner({"policy": PolicyTerm(objective=ppo_clip_loss, aggregation=token_mean)})
     learner.optimizer_factory = lambda p: torch.optim.AdamW(p, lr=1e-2)
     batch = _random_batch(4, seed=2)
     batch.old_logp[:] = float("nan")
@@ -184,7 +168,7 @@ def test_non_finite_loss_skips_the_step_and_is_counted():
 def test_kl_term_keeps_a_frozen_reference_and_is_zero_at_the_start():
     from spear_lit.training import KLTerm
 
-    learner = _learner(
+    learner = tiny_learner(
         {
             "policy": PolicyTerm(objective=ppo_clip_loss, aggregation=token_mean),
             "kl": KLTerm(coef=0.1, aggregation=token_mean),

@@ -155,3 +155,8 @@ def save_hf(model: PreTrainedModel, tokenizer, path: str | Path, meta: dict | No
             ) from e
         raise
     return path
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Parameters sharded across ranks (FSDP2 DTensors or ZeRO-3 partitions): every forward is a collective."""
+    return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters())

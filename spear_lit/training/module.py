@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from spear_lit.algos import entropy_from_logits, logprobs_from_logits
 from spear_lit.batch import MiniBatch, TokenBatch
+from spear_lit.policy import is_sharded
 from spear_lit.training.dist import all_reduce
 from spear_lit.training.terms import TermInput
 
@@ -36,6 +37,7 @@ class PolicyModule(L.LightningModule):
         temperature: log-probs and entropy are taken of ``logits / temperature`` (the sampling temperature).
         grad_clip: global gradient-norm clip.
         reference: also keep a frozen copy of the initial policy (KL term).
+        share_prompts: rows with identical prompts share one forward of the prompt (:meth:`response_logits`).
     """
 
     def __init__(
@@ -46,9 +48,11 @@ class PolicyModule(L.LightningModule):
         temperature: float = 1.0,
         grad_clip: float = 1.0,
         reference: bool = False,
+        share_prompts: bool = True,
     ):
         super().__init__()
         self.policy_source, self.optimizer_factory = policy, optimizer
+        self.share_prompts = share_prompts
         self.temperature, self.grad_clip, self.reference = temperature, grad_clip, reference
         self.model = None
         self.ref_model = None
@@ -92,11 +96,57 @@ class PolicyModule(L.LightningModule):
             logits_to_keep=keep,
         ).logits
 
+    def response_logits(self, b: TokenBatch, model=None) -> torch.Tensor:
+        """Logits ``[n, T, V]`` of positions ``P-1 .. P+T-2``, the ones that predict the ``T`` response tokens.
+
+        With ``share_prompts``, rows whose prompts are identical (a GRPO group: G samples of one prompt) share
+        one forward of that prompt: its keys/values are computed once per distinct prompt, indexed out to the
+        rows, and the responses run on top of them. Same logits and gradients (the prompt's hidden states get
+        the sum of its rows' gradients through the index); the prompt's compute is paid once per group
+        instead of once per row. Off under gradient checkpointing (no KV cache there) and for sharded models
+        (FSDP2, ZeRO-3): there every forward is a collective, and ranks would disagree on how many to run."""
+        model = model or self.model
+        P, T = b.prompt_width, b.input_ids.shape[1] - b.prompt_width
+        shareable = not getattr(model, "is_gradient_checkpointing", False) and not is_sharded(model)
+        if self.share_prompts and T > 0 and P > 0 and shareable:
+            key = torch.cat([b.input_ids[:, :P], b.attention_mask[:, :P]], 1)
+            uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+            if len(uniq) < len(b):
+                return self._shared_prompt_logits(b, model, inv, len(uniq))
+        # the LM head runs on the last T+1 positions only
+        return self.forward_logits(b, model, keep=T + 1)[:, :-1]
+
+    def _shared_prompt_logits(self, b: TokenBatch, model, inv: torch.Tensor, n_prompts: int) -> torch.Tensor:
+        P = b.prompt_width
+        ids, mask = b.input_ids, b.attention_mask
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        first = torch.full((n_prompts,), len(b), dtype=torch.long, device=ids.device)
+        first = first.scatter_reduce(0, inv, torch.arange(len(b), device=ids.device), "amin")
+        head = model(
+            input_ids=ids[first, :P],
+            attention_mask=mask[first, :P],
+            position_ids=pos[first, :P],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = head.past_key_values
+        for layer in cache.layers:  # each row gets its prompt's keys/values (a differentiable gather)
+            layer.keys, layer.values = layer.keys[inv], layer.values[inv]
+        logits = head.logits[inv]
+        if ids.shape[1] - P > 1:  # the last response token predicts nothing we need
+            tail = model(
+                input_ids=ids[:, P:-1],
+                attention_mask=mask[:, :-1],
+                position_ids=pos[:, P:-1],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+            logits = torch.cat([logits, tail], 1)
+        return logits
+
     def token_stats(self, b: TokenBatch, model=None, entropy: bool = True):
         """Per-token ``logp [n, T]`` and entropy ``[n, T]`` of the response tokens of ``b``."""
-        T = b.input_ids.shape[1] - b.prompt_width
-        # positions P-1 .. P+T-2 predict the T response tokens: the LM head runs on the last T+1 positions only
-        logits = self.forward_logits(b, model, keep=T + 1)[:, :-1].float() / self.temperature
+        logits = self.response_logits(b, model).float() / self.temperature
         logp = logprobs_from_logits(logits, b.input_ids[:, b.prompt_width :])
         ent = entropy_from_logits(logits) if entropy else None
         return logp, ent
@@ -116,6 +166,7 @@ class PolicyLearner(PolicyModule):
         temperature: sampling temperature; log-probs and entropy are taken of ``logits / temperature``.
         grad_clip: global gradient-norm clip; a non-finite norm skips the step (SPEAR_SPEC §3.5).
         seed: seeds the per-step generator of Clip-Cov's random token choice.
+        share_prompts: one forward per distinct prompt of a micro-batch (:meth:`response_logits`).
     """
 
     def __init__(
@@ -127,11 +178,19 @@ class PolicyLearner(PolicyModule):
         temperature: float = 1.0,
         grad_clip: float = 1.0,
         seed: int = 0,
+        share_prompts: bool = True,
     ):
         if not loss_terms:
             raise ValueError("loss.terms is empty: give at least a policy term (e.g. loss=spear)")
         reference = any(getattr(t, "needs_reference", False) for t in loss_terms.values())
-        super().__init__(policy, optimizer, temperature=temperature, grad_clip=grad_clip, reference=reference)
+        super().__init__(
+            policy,
+            optimizer,
+            temperature=temperature,
+            grad_clip=grad_clip,
+            reference=reference,
+            share_prompts=share_prompts,
+        )
         self.no_dropout = (
             True  # samples and old log-probs come without dropout: so must the update's log-probs
         )
