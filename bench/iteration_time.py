@@ -1,9 +1,11 @@
 """Benchmark: iteration time and throughput of SPEAR vs its baselines on the tiny task, side by side.
 
-    python bench/iteration_time.py --iterations 12 --experiments tiny_spear tiny_drbot tiny_grpo
+    python bench/iteration_time.py --iterations 12 --rounds 2 --experiments tiny_spear tiny_grpo tiny_drbot
 
-Runs each experiment in this process, one after another (same machine, same load), and prints a table
-of medians over iterations (the first iteration is dropped as warm-up). Nothing here is asserted.
+Runs each experiment in this process, one after another, ``--rounds`` times in alternation (A B C, A B C:
+the same machine load for all, and no experiment always goes first: the first run in a process was
+measured up to 1.6x slower in its rollouts over all its iterations), and prints a table of medians over
+the iterations of all rounds (each run's first iteration is dropped as warm-up). Nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -55,23 +57,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--experiments", nargs="+", default=["tiny_spear", "tiny_drbot"])
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="the experiments run in alternation this many times"
+    )
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
-    results = {e: run(e, args.iterations, args.overrides) for e in args.experiments}
+    results: dict[str, list[dict]] = {e: [] for e in args.experiments}
+    for _ in range(args.rounds):
+        for e in args.experiments:
+            rows = run(e, args.iterations, args.overrides)
+            results[e] += rows[1:] or rows
     base = args.experiments[-1]
-    base_s = statistics.median(r["perf/iteration_s"] for r in results[base][1:])
+    base_s = statistics.median(r["perf/iteration_s"] for r in results[base])
     head = f"| experiment | {' | '.join(h for _, h in COLUMNS)} | s/iter vs {base} |"
     print(head)
     print("|" + "---|" * (len(COLUMNS) + 2))
     for e, rows in results.items():
-        rows = rows[1:] or rows
         cells = []
         for key, _ in COLUMNS:
             vals = [r[key] for r in rows if key in r]
-            cells.append(f"{statistics.median(vals):.3g}" if key != "buffer/replayed" else f"{sum(vals):.0f}")
+            total = f"{sum(vals) / args.rounds:.0f}"  # per run
+            cells.append(f"{statistics.median(vals):.3g}" if key != "buffer/replayed" else total)
         ratio = statistics.median(r["perf/iteration_s"] for r in rows) / base_s
         print(f"| {e} | {' | '.join(cells)} | {ratio:.2f}x |")
-    print(f"\nmedians over iterations 2..{args.iterations}; 'replayed rows' is the total.")
+    print(
+        f"\nmedians over iterations 2..{args.iterations} of {args.rounds} alternated round(s); "
+        "'replayed rows' is the total per run."
+    )
 
 
 if __name__ == "__main__":
