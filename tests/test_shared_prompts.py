@@ -7,7 +7,9 @@ from helpers import micro_grads, tiny_learner
 
 from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm
 from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
-from spear_lit.training import EntropyTerm, PolicyTerm
+from spear_lit.policy import PolicySource
+from spear_lit.rollout import HFEngine
+from spear_lit.training import EntropyTerm, PolicyLearner, PolicyTerm
 
 
 def _grouped_batch(groups: int = 3, size: int = 4, seed: int = 0) -> TokenBatch:
@@ -85,3 +87,30 @@ def test_distinct_prompts_take_the_single_forward():
     with torch.no_grad():
         _, sizes = _forwards(learner, lambda: learner.response_logits(batch))
     assert sizes == [4]
+
+
+def test_models_with_other_than_full_attention_layers_take_the_single_forward():
+    """Sliding-window (or linear-attention) layers keep other caches: no shared prompt pass for them."""
+    learner = PolicyLearner(
+        PolicySource(
+            tiny={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "use_sliding_window": True,
+                "sliding_window": 4,
+                "max_window_layers": 1,
+            }
+        ),
+        _terms(),
+        lambda p: torch.optim.SGD(p, lr=0.0),
+    )
+    learner.configure_model()
+    assert "sliding_attention" in learner.model.config.layer_types
+    batch = _grouped_batch().cropped()
+    with torch.no_grad():
+        _, sizes = _forwards(learner, lambda: learner.response_logits(batch))
+    assert sizes == [12]
+    engine = HFEngine()  # and the engine decodes with transformers' own cache for it
+    engine.bind(learner.model, learner.policy_source.tokenizer())
+    out = engine.generate([[5, 6, 7]] * 2 + [[8, 9]], max_new_tokens=[6] * 3, greedy=True)
+    assert out[0] == out[1] and all(len(o) >= 1 for o in out)

@@ -160,3 +160,10 @@ def save_hf(model: PreTrainedModel, tokenizer, path: str | Path, meta: dict | No
 def is_sharded(model: torch.nn.Module) -> bool:
     """Parameters sharded across ranks (FSDP2 DTensors or ZeRO-3 partitions): every forward is a collective."""
     return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def full_attention_only(model: torch.nn.Module) -> bool:
+    """Every decoder layer is plain full attention (no sliding-window or linear-attention layers), so its KV
+    cache is one keys/values pair per layer that may be preallocated, indexed and extended."""
+    types = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"]
+    return all(t == "full_attention" for t in types)

@@ -14,7 +14,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from spear_lit.policy import is_sharded
+from spear_lit.policy import full_attention_only, is_sharded
 
 
 class RolloutEngine(Protocol):
@@ -109,10 +109,13 @@ class HFEngine:
             pad_token_id=tok.pad_token_id,
         )
 
-    def _prefilled_cache(self, ids: torch.Tensor, attn: torch.Tensor, capacity: int) -> Cache:
+    def _prefilled_cache(self, ids: torch.Tensor, attn: torch.Tensor, capacity: int) -> Cache | None:
         """A KV cache holding all prompt tokens but the last, computed once per distinct prompt (a group's G
         rows share one) and copied out to the rows; generate() then starts from the last prompt token.
-        Every rank runs this one forward per chunk (under FSDP it is a collective)."""
+        Every rank runs this one forward per chunk (under FSDP it is a collective). ``None`` (transformers'
+        own cache) for models with sliding-window or linear-attention layers."""
+        if not full_attention_only(self.model):
+            return None
         uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
         first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
         first = first.scatter_reduce(0, inv, torch.arange(len(ids), device=ids.device), "amin")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from spear_lit.algos import entropy_from_logits, logprobs_from_logits
 from spear_lit.batch import MiniBatch, TokenBatch
-from spear_lit.policy import is_sharded
+from spear_lit.policy import full_attention_only, is_sharded
 from spear_lit.training.dist import all_reduce
 from spear_lit.training.terms import TermInput
 
@@ -103,11 +103,16 @@ class PolicyModule(L.LightningModule):
         one forward of that prompt: its keys/values are computed once per distinct prompt, indexed out to the
         rows, and the responses run on top of them. Same logits and gradients (the prompt's hidden states get
         the sum of its rows' gradients through the index); the prompt's compute is paid once per group
-        instead of once per row. Off under gradient checkpointing (no KV cache there) and for sharded models
-        (FSDP2, ZeRO-3): there every forward is a collective, and ranks would disagree on how many to run."""
+        instead of once per row. Off under gradient checkpointing (no KV cache there), for models with other
+        than full-attention layers, and for sharded models (FSDP2, ZeRO-3): there every forward is a
+        collective, and ranks would disagree on how many to run."""
         model = model or self.model
         P, T = b.prompt_width, b.input_ids.shape[1] - b.prompt_width
-        shareable = not getattr(model, "is_gradient_checkpointing", False) and not is_sharded(model)
+        shareable = (
+            not getattr(model, "is_gradient_checkpointing", False)
+            and full_attention_only(model)
+            and not is_sharded(model)
+        )
         if self.share_prompts and T > 0 and P > 0 and shareable:
             key = torch.cat([b.input_ids[:, :P], b.attention_mask[:, :P]], 1)
             uniq, inv = torch.unique(key, dim=0, return_inverse=True)
