@@ -242,3 +242,17 @@ class MiniBatch:
     @property
     def last_of_iteration(self) -> bool:
         return self.iteration_record is not None
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, derived from the mask as ``generate()`` derives them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def distinct_prompts(ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a left-padded prompt block that are the same prompt (same ids, same padding): ``first [U]``,
+    the first row of each distinct prompt, and ``inv [N]``, each row's index into ``first``."""
+    _, inv = torch.unique(torch.cat([ids, attention_mask], 1), dim=0, return_inverse=True)
+    n = int(inv.max()) + 1 if len(inv) else 0
+    first = torch.full((n,), len(ids), dtype=torch.long, device=ids.device)
+    return first.scatter_reduce(0, inv, torch.arange(len(ids), device=ids.device), "amin"), inv

@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
+from spear_lit.batch import distinct_prompts, position_ids
 from spear_lit.policy import full_attention_only, is_sharded
 
 
@@ -116,13 +117,11 @@ class HFEngine:
         own cache) for models with sliding-window or linear-attention layers."""
         if not full_attention_only(self.model):
             return None
-        uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)
-        first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
-        first = first.scatter_reduce(0, inv, torch.arange(len(ids), device=ids.device), "amin")
+        first, inv = distinct_prompts(ids, attn)
         layers = self.model.config.get_text_config().num_hidden_layers
         cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(layers)])
         if ids.shape[1] > 1:
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)  # as generate() derives them from the mask
+            pos = position_ids(attn)
             self.model(
                 input_ids=ids[first, :-1],
                 attention_mask=attn[first, :-1],

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from spear_lit.algos import entropy_from_logits, logprobs_from_logits
-from spear_lit.batch import MiniBatch, TokenBatch
+from spear_lit.batch import MiniBatch, TokenBatch, distinct_prompts, position_ids
 from spear_lit.policy import full_attention_only, is_sharded
 from spear_lit.training.dist import all_reduce
 from spear_lit.training.terms import TermInput
@@ -87,11 +87,10 @@ class PolicyModule(L.LightningModule):
         only those of the last ``keep`` positions (the LM head skips the rest: less compute, much less memory
         with a large vocabulary)."""
         model = model or self.model
-        pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() derives them from the mask
         return model(
             input_ids=b.input_ids,
             attention_mask=b.attention_mask,
-            position_ids=pos,
+            position_ids=position_ids(b.attention_mask),
             use_cache=False,
             logits_to_keep=keep,
         ).logits
@@ -108,25 +107,26 @@ class PolicyModule(L.LightningModule):
         collective, and ranks would disagree on how many to run."""
         model = model or self.model
         P, T = b.prompt_width, b.input_ids.shape[1] - b.prompt_width
-        shareable = (
-            not getattr(model, "is_gradient_checkpointing", False)
+        if (
+            self.share_prompts
+            and T > 0
+            and P > 0
+            and not getattr(model, "is_gradient_checkpointing", False)
             and full_attention_only(model)
             and not is_sharded(model)
-        )
-        if self.share_prompts and T > 0 and P > 0 and shareable:
-            key = torch.cat([b.input_ids[:, :P], b.attention_mask[:, :P]], 1)
-            uniq, inv = torch.unique(key, dim=0, return_inverse=True)
-            if len(uniq) < len(b):
-                return self._shared_prompt_logits(b, model, inv, len(uniq))
+        ):
+            first, inv = distinct_prompts(b.input_ids[:, :P], b.attention_mask[:, :P])
+            if len(first) < len(b):
+                return self._shared_prompt_logits(b, model, first, inv)
         # the LM head runs on the last T+1 positions only
         return self.forward_logits(b, model, keep=T + 1)[:, :-1]
 
-    def _shared_prompt_logits(self, b: TokenBatch, model, inv: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    def _shared_prompt_logits(
+        self, b: TokenBatch, model, first: torch.Tensor, inv: torch.Tensor
+    ) -> torch.Tensor:
         P = b.prompt_width
         ids, mask = b.input_ids, b.attention_mask
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        first = torch.full((n_prompts,), len(b), dtype=torch.long, device=ids.device)
-        first = first.scatter_reduce(0, inv, torch.arange(len(b), device=ids.device), "amin")
+        pos = position_ids(mask)
         head = model(
             input_ids=ids[first, :P],
             attention_mask=mask[first, :P],
