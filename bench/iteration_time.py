@@ -76,8 +76,10 @@ def main() -> None:
         cells = []
         for key, _ in COLUMNS:
             vals = [r[key] for r in rows if key in r]
-            total = f"{sum(vals) / args.rounds:.0f}"  # per run
-            cells.append(f"{statistics.median(vals):.3g}" if key != "buffer/replayed" else total)
+            per_run_total = key == "buffer/replayed"
+            cells.append(
+                f"{sum(vals) / args.rounds:.0f}" if per_run_total else f"{statistics.median(vals):.3g}"
+            )
         ratio = statistics.median(r["perf/iteration_s"] for r in rows) / base_s
         print(f"| {e} | {' | '.join(cells)} | {ratio:.2f}x |")
     print(
