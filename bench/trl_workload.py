@@ -12,6 +12,7 @@ import random
 import time
 
 import lightning as L
+import torch
 
 from spear_lit.policy.tokenizer import byte_chat_tokenizer
 from spear_lit.rollout import HFEngine
@@ -71,15 +72,12 @@ class NoTool:
 
 
 class FixedLengthHFEngine(HFEngine):
-    """Our HF engine with EOS forbidden until the token budget (``min_new_tokens = max_new_tokens``), as TRL's
-    ``generation_kwargs={"min_new_tokens": ...}``: every completion has exactly the budget's length."""
+    """Our HF engine with EOS forbidden (its logit set to -inf at every step), as TRL's
+    ``generation_kwargs={"min_new_tokens": ...}`` with the budget: every completion has exactly the budget's
+    length."""
 
-    def generation_config(self, *, max_new_tokens, temperature, top_p, greedy):
-        config = super().generation_config(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy
-        )
-        config.min_new_tokens = int(max_new_tokens)
-        return config
+    def next_token_logits(self, logits, step):
+        return logits.index_fill(-1, torch.tensor([self.tokenizer.eos_token_id]), float("-inf"))
 
 
 class StepClock(L.Callback):

@@ -226,9 +226,11 @@ def test_preallocated_kv_cache_decodes_exactly_like_transformers_default(ckpt):
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
     eng = HFEngine()
     eng.bind(model, tok)
-    config = eng.generation_config(max_new_tokens=20, temperature=1.0, top_p=1.0, greedy=True)
-    model.generation_config = GenerationConfig()  # as the engine does: nothing of the checkpoint's
+    config = GenerationConfig(  # plain greedy: nothing of the checkpoint's generation config
+        do_sample=False, max_new_tokens=20, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     outs = []
+    model.generation_config = GenerationConfig()
     for cache in (
         DynamicCache(),
         Cache(layers=[PreallocatedLayer(width + 20) for _ in range(2)]),

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen2Config
 
 from spear_lit.atomic import fsync_tree, replace_dir, temp_sibling
+from spear_lit.policy import attention
 from spear_lit.policy.tokenizer import byte_chat_tokenizer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -42,7 +43,8 @@ class PolicySource:
             project, or ``None`` to build a tiny random Qwen2 from ``tiny`` (tests, smoke runs).
         tiny: Qwen2 config overrides for the random model (hidden_size, num_hidden_layers, ...).
         dtype: parameter dtype: ``float32`` (CPU) or ``bfloat16`` (GPU runs).
-        attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+        attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``). ``sdpa`` runs
+            as :mod:`spear_lit.policy.attention` (the same attention, with faster CPU paths).
         gradient_checkpointing: trade compute for memory in the training forward (large models).
         init_seed: seed of the random initialisation when ``path`` is None.
         meta: build without allocating weights (instantiation checks of 32B experiments).
@@ -111,7 +113,8 @@ class PolicySource:
 
     def model(self) -> PreTrainedModel:
         """Build the model (weights loaded from ``path``, random, or on the meta device)."""
-        kw = dict(dtype=self.dtype, attn_implementation=self.attn_implementation)
+        impl = attention.NAME if self.attn_implementation == "sdpa" else self.attn_implementation
+        kw = dict(dtype=self.dtype, attn_implementation=impl)
         if self.meta:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config(), **kw)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from transformers import GenerationConfig
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from spear_lit.batch import distinct_prompts, position_ids
 from spear_lit.policy import full_attention_only, is_sharded
@@ -95,31 +94,24 @@ class HFEngine:
             )
         return out
 
-    def generation_config(
-        self, *, max_new_tokens: int, temperature: float, top_p: float, greedy: bool
-    ) -> GenerationConfig:
-        """The complete config of one ``generate`` call: exact softmax(z/T) sampling with top-p (see
-        :func:`exact_sampling_config`). A subclass may change it (bench/vs_trl.py forbids EOS to fix the length)."""
-        tok = self.tokenizer
-        return exact_sampling_config(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            greedy=greedy,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
+    def next_token_logits(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The logits ``[B, V]`` the ``step``-th new token is drawn from (as the model gives them). A subclass may
+        change them (bench/vs_trl.py forbids EOS to fix the length); training needs them as they are."""
+        return logits
 
-    def _prefilled_cache(self, ids: torch.Tensor, attn: torch.Tensor, capacity: int) -> Cache | None:
-        """A KV cache holding all prompt tokens but the last, computed once per distinct prompt (a group's G
-        rows share one) and copied out to the rows; generate() then starts from the last prompt token.
-        Every rank runs this one forward per chunk (under FSDP it is a collective). ``None`` (transformers'
-        own cache) for models with sliding-window or linear-attention layers."""
-        if not full_attention_only(self.model):
-            return None
-        first, inv = distinct_prompts(ids, attn)
-        layers = self.model.config.get_text_config().num_hidden_layers
-        cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(layers)])
+    def _prefilled_cache(self, ids: torch.Tensor, attn: torch.Tensor, capacity: int) -> Cache:
+        """A KV cache holding all prompt tokens but the last; decoding then starts from the last prompt token.
+        For full-attention models, one forward per distinct prompt (a group's G rows share one) fills
+        :class:`PreallocatedLayer` buffers that are then copied out to the rows; models with sliding-window or
+        linear-attention layers get transformers' own cache, filled row by row. Every rank runs this one
+        forward per chunk (under FSDP it is a collective)."""
+        if full_attention_only(self.model):
+            first, inv = distinct_prompts(ids, attn)
+            layers = self.model.config.get_text_config().num_hidden_layers
+            cache = Cache(layers=[PreallocatedLayer(capacity) for _ in range(layers)])
+        else:
+            first, inv = torch.arange(len(ids), device=ids.device), None
+            cache = DynamicCache(config=self.model.config)
         if ids.shape[1] > 1:
             pos = position_ids(attn)
             self.model(
@@ -130,46 +122,91 @@ class HFEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+        if inv is not None:
             for layer in cache.layers:
                 layer.rows(inv)
         return cache
 
     def _generate_chunk(self, prompts, budgets, temperature, top_p, greedy):
+        """Decode one chunk step by step: every row draws its next token from exactly softmax(z/T) with
+        top-p (:func:`sample_next`), nothing of the checkpoint's generation config or of transformers'
+        logits processors applies, and a row stops at EOS (kept) or at its own budget."""
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        width, n = max(len(p) for p in prompts), len(prompts)
+        ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
             ids[i, width - len(p) :] = torch.as_tensor(p)
             attn[i, width - len(p) :] = 1
-        config = self.generation_config(
-            max_new_tokens=max(budgets), temperature=temperature, top_p=top_p, greedy=greedy
-        )
-        was_training, shipped = model.training, model.generation_config
+        budget = torch.tensor(budgets, device=device)
+        steps, synced = max(budgets), self._synced()
+        was_training = model.training
         model.eval()  # dropout off: samples come from the same distribution as the (eval) old log-probs
-        # generate() fills every field we leave None from model.generation_config: hide the checkpoint's
-        model.generation_config = GenerationConfig()
         try:
             ids, attn = ids.to(device), attn.to(device)
-            cache = self._prefilled_cache(ids, attn, width + config.max_new_tokens)
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                generation_config=config,
-                past_key_values=cache,
-                synced_gpus=self._synced(),
-            )[:, width:].cpu()
+            cache = self._prefilled_cache(ids, attn, width + steps)
+            mask = torch.cat([attn, attn.new_ones(n, steps)], 1)
+            pos, last = position_ids(attn)[:, -1:], ids[:, -1:]
+            out = torch.full((n, steps), tok.pad_token_id, dtype=torch.long, device=device)
+            done, t = budget <= 0, 0
+            while not _finished(done, synced):  # a synced rank keeps stepping until every rank is done
+                if width + t > mask.shape[1]:  # a synced rank past its own budget: the cache grows too
+                    mask = torch.cat([mask, mask.new_ones(n, max(steps, 1))], 1)
+                logits = model(
+                    input_ids=last,
+                    attention_mask=mask[:, : width + t],
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                if bool(done.all()):  # a synced rank with all its rows done: the forward only, no draw
+                    nxt = last[:, 0]  # (drawing would move the random stream its next call starts from)
+                else:
+                    nxt = sample_next(self.next_token_logits(logits, t), temperature, top_p, greedy)
+                    nxt = torch.where(done, tok.pad_token_id, nxt)
+                    out[:, t] = nxt
+                    done |= (nxt == tok.eos_token_id) | (budget <= t + 1)
+                t, last, pos = t + 1, nxt[:, None], pos + 1
         finally:
-            model.generation_config = shipped
             model.train(was_training)
         outs = []
-        for row, budget in zip(gen.tolist(), budgets):
-            row = row[:budget]
+        for row, b in zip(out.cpu().tolist(), budgets):
+            row = row[:b]
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id) + 1]
             outs.append(row)
         return outs
+
+
+def _finished(done: torch.Tensor, synced: bool) -> bool:
+    """Every row done; when ``synced``, on every rank (one all-reduce, so all ranks step the same times)."""
+    if not synced:
+        return bool(done.all())
+    left = (~done).any().to(torch.float32).reshape(1)
+    torch.distributed.all_reduce(left, op=torch.distributed.ReduceOp.MAX)
+    return not bool(left.item())
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: the argmax, or a draw from exactly softmax(z/T) restricted to the
+    nucleus (the most likely tokens until their mass reaches ``top_p``: a token is kept when the mass of the
+    strictly more likely ones is below ``top_p``) and renormalised. Drawn by inverting the float64 CDF with
+    one uniform per row from torch's global generator."""
+    if greedy:
+        return logits.argmax(-1)
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = None
+    if top_p < 1.0:
+        p, order = p.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+    cdf = p.cumsum_(-1)
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -212,57 +249,3 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self.k_buf, self.v_buf = self.k_buf[index], self.v_buf[index]
             self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
-
-
-# Every logits processor and warper of transformers' generate() set to "off", so that sampling draws from
-# exactly softmax(logits / T), truncated only by the configured top-p (SPEAR_SPEC §1). A checkpoint's
-# generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05-1.1, top_k 20, top_p 0.8) and
-# transformers' global defaults (top_k=50) would otherwise change the distribution the loss assumes.
-NO_PROCESSORS = dict(  # applied in greedy decoding too
-    repetition_penalty=1.0,
-    encoder_repetition_penalty=1.0,
-    no_repeat_ngram_size=0,
-    encoder_no_repeat_ngram_size=0,
-    bad_words_ids=None,
-    suppress_tokens=None,
-    begin_suppress_tokens=None,
-    sequence_bias=None,
-    forced_bos_token_id=None,
-    forced_eos_token_id=None,
-    exponential_decay_length_penalty=None,
-    min_length=0,
-    min_new_tokens=None,
-    guidance_scale=None,
-    watermarking_config=None,
-    renormalize_logits=False,
-    remove_invalid_values=False,
-    num_beams=1,
-    num_return_sequences=1,
-    use_cache=True,
-)
-NO_WARPERS = dict(
-    top_k=0, top_h=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0
-)  # sampling
-
-
-def exact_sampling_config(
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    greedy: bool,
-    eos_token_id: int,
-    pad_token_id: int,
-) -> GenerationConfig:
-    """A complete ``GenerationConfig``: greedy, or sampling from softmax(z/T) with top-p and nothing else."""
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
-    sampling = {} if greedy else {**NO_WARPERS, "temperature": float(temperature), "top_p": float(top_p)}
-    return GenerationConfig(
-        **NO_PROCESSORS,
-        **sampling,
-        do_sample=not greedy,
-        max_new_tokens=int(max_new_tokens),
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )

@@ -1,0 +1,84 @@
+"""``attn_implementation="sdpa"`` as the policy runs it: transformers' SDPA attention, with two CPU paths
+that compute the same attention faster on small-head models (the tiny policies; bench/vs_trl.py).
+
+* **Grouped-query heads without copies.** transformers repeats every key/value head ``H / Hkv`` times
+  before SDPA whenever a mask is given (CUDA kernels fall back to math otherwise); the CPU kernel takes
+  ``enable_gqa`` with a mask, so no copy is made and the backward does not sum the copies back.
+* **Decode steps (one query token) as two batched matmuls.** The flash kernel is built for query blocks;
+  for a single query token per row, ``softmax(q kᵀ / √d + mask) v`` over ``[B·Hkv]`` groups of ``H / Hkv``
+  query heads is cheaper, and it reads the KV cache in place (a preallocated buffer's view).
+
+Everything else (other devices, dropout, sliding windows, attention sinks, position biases) goes to
+transformers' own ``sdpa_attention_forward``. :data:`NAME` is registered with transformers' attention and
+mask interfaces on import; :class:`spear_lit.policy.PolicySource` builds models with it for ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "spear_sdpa"
+
+
+def spear_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``query [B, H, q, d]``, ``key``/``value [B, Hkv, k, d]``, mask ``[B, 1, q, k]`` bool or additive (or
+    None): returns ``[B, q, H, d]`` as transformers' attention functions do."""
+    special = (
+        dropout
+        or kwargs.get("sliding_window")
+        or any(kwargs.get(k) is not None for k in ("s_aux", "position_bias", "cache"))
+    )
+    if query.device.type != "cpu" or special or key.shape[-1] != value.shape[-1]:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    b, h, q_len, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    scale = d**-0.5 if scaling is None else scaling
+    if q_len == 1:
+        g = h // hkv  # query heads of one KV head are consecutive (repeat_kv's order)
+        scores = torch.bmm(query.reshape(b * hkv, g, d), key.reshape(b * hkv, k_len, d).transpose(1, 2))
+        scores = scores.view(b, hkv, g, k_len).mul_(scale)
+        if attention_mask is not None:
+            mask = attention_mask.view(b, 1, 1, k_len)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        out = torch.bmm(probs.view(b * hkv, g, k_len), value.reshape(b * hkv, k_len, d))
+        return out.view(b, 1, h, d), None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        scale=scale,
+        is_causal=bool(causal and attention_mask is None),
+        enable_gqa=hkv != h,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, spear_sdpa_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
