@@ -40,9 +40,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     from spear_lit.training import checkpoints as ckpts
     from spear_lit.training.console import quiet
     from spear_lit.training.export import export_hf
+    from spear_lit.training.host_memory import keep_freed_memory
 
     check(cfg)
     quiet()
+    keep_freed_memory()  # host memory: reuse freed activations instead of page-faulting them back in
     ckpts.register_checkpoint_types()
     run_dir = Path(cfg.run_dir)
     hint = lambda: ckpts.resume_hint(run_dir, ckpts.find_latest(run_dir)) if trainer.is_global_zero else ""
