@@ -246,6 +246,11 @@ class PreallocatedLayer(DynamicLayer):
 
     def rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` of the batch (repeats allowed: a shared prompt copied out to its rows)."""
-        if self.is_initialized:
-            self.k_buf, self.v_buf = self.k_buf[index], self.v_buf[index]
+        if self.is_initialized:  # copies the filled positions only; the rest of the buffer stays unwritten
+            bufs = []
+            for buf in (self.k_buf, self.v_buf):
+                new = buf.new_empty(len(index), *buf.shape[1:])
+                new[:, :, : self.length] = buf[index, :, : self.length]
+                bufs.append(new)
+            self.k_buf, self.v_buf = bufs
             self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
