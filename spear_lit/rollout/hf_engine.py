@@ -42,14 +42,16 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    """Hugging Face ``generate`` with KV cache, batched over all episodes of an iteration.
+    """Step-by-step decoding of the Hugging Face model with a KV cache, batched over all episodes of an iteration.
 
     The engine samples from the very module being trained (no copy), so ``sync_weights`` has
-    nothing to do and on-policy sampling holds by construction. Works on CPU and GPU, and under
-    DDP and FSDP2 (``synced_gpus`` keeps sharded ranks stepping together when their lengths differ).
+    nothing to do and on-policy sampling holds by construction. Its own decode loop draws from exactly
+    softmax(z/T) with top-p (:func:`sample_next`): no generation config and no logits processor exists
+    to leak a checkpoint's repetition penalty or top-k. Works on CPU and GPU, and under DDP and FSDP2
+    (``synced_gpus``: sharded ranks keep stepping together until every rank's rows are done).
 
     Args:
-        max_batch_size: rows per ``generate`` call (memory bound); longer lists are chunked.
+        max_batch_size: rows decoded together (memory bound); longer lists are chunked.
         synced_gpus: ``None`` = on when the model is sharded across more than one process.
     """
 
@@ -66,7 +68,7 @@ class HFEngine:
         pass  # generation reads the trained parameters directly
 
     def release(self) -> None:
-        pass  # the KV cache of generate() is freed when it returns
+        pass  # the KV cache of a generate() call is freed when it returns
 
     def _synced(self) -> bool:
         if self.synced_gpus is not None:
