@@ -80,3 +80,27 @@ def test_decode_steps_on_a_preallocated_cache_equal_eager(kv_heads):
         assert (logits[0] - logits[1]).abs().max() < 1e-5
         nxt = logits[1].argmax(-1, keepdim=True)
     assert caches[0].layers[0].keys.shape[2] == ids.shape[1] + 8
+
+
+@pytest.mark.parametrize("kind", ["bool", "bool_broadcast", "additive", "none"])
+def test_decode_path_masks_like_sdpa(kind):
+    """The one-query-token path on its own: boolean, additive and batch-broadcast masks, against torch's SDPA."""
+    import torch.nn.functional as F
+
+    from spear_lit.policy.attention import spear_sdpa_forward
+
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, k_len, d = 3, 6, 2, 9, 16
+    q, k, v = (torch.randn(*s, generator=g) for s in ((b, h, 1, d), (b, hkv, k_len, d), (b, hkv, k_len, d)))
+    keep = torch.ones(b, 1, 1, k_len, dtype=torch.bool)
+    keep[1, ..., :4] = False
+    mask = {
+        "bool": keep,
+        "bool_broadcast": keep[1:2],
+        "additive": torch.zeros(b, 1, 1, k_len).masked_fill(~keep, float("-inf")),
+        "none": None,
+    }[kind]
+    got, _ = spear_sdpa_forward(torch.nn.Module(), q, k, v, mask, scaling=0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert got.shape == (b, 1, h, d)
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-6)

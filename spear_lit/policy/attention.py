@@ -62,7 +62,7 @@ def spear_sdpa_forward(
         scores = torch.bmm(query.reshape(b * hkv, g, d), key.reshape(b * hkv, k_len, d).transpose(1, 2))
         scores = scores.view(b, hkv, g, k_len).mul_(scale)
         if attention_mask is not None:
-            mask = attention_mask.view(b, 1, 1, k_len)
+            mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, k_len)  # batch b or 1 (broadcast)
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         out = torch.bmm(probs.view(b * hkv, g, k_len), value.reshape(b * hkv, k_len, d))
