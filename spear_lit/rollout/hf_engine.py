@@ -85,6 +85,8 @@ class HFEngine:
     def generate(self, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False):
         if self.model is None:
             raise RuntimeError("HFEngine.generate called before bind(model, tokenizer)")
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
         out: list[list[int]] = []
         for s in range(0, len(prompts), self.max_batch_size):
             out += self._generate_chunk(
@@ -133,8 +135,6 @@ class HFEngine:
         """Decode one chunk step by step: every row draws its next token from exactly softmax(z/T) with
         top-p (:func:`sample_next`), nothing of the checkpoint's generation config or of transformers'
         logits processors applies, and a row stops at EOS (kept) or at its own budget."""
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
         width, n = max(len(p) for p in prompts), len(prompts)
@@ -154,7 +154,12 @@ class HFEngine:
             pos, last = position_ids(attn)[:, -1:], ids[:, -1:]
             out = torch.full((n, steps), tok.pad_token_id, dtype=torch.long, device=device)
             done, t = budget <= 0, 0
-            while not _finished(done, synced):  # a synced rank keeps stepping until every rank is done
+            while True:
+                all_done = bool(done.all())
+                if _finished(
+                    all_done, synced, device
+                ):  # a synced rank keeps stepping until every rank is done
+                    break
                 if width + t > mask.shape[1]:  # a synced rank past its own budget: the cache grows too
                     mask = torch.cat([mask, mask.new_ones(n, max(steps, 1))], 1)
                 logits = model(
@@ -165,7 +170,7 @@ class HFEngine:
                     use_cache=True,
                     logits_to_keep=1,
                 ).logits[:, -1]
-                if bool(done.all()):  # a synced rank with all its rows done: the forward only, no draw
+                if all_done:  # a synced rank with all its rows done: the forward only, no draw
                     nxt = last[:, 0]  # (drawing would move the random stream its next call starts from)
                 else:
                     nxt = sample_next(self.next_token_logits(logits, t), temperature, top_p, greedy)
@@ -184,11 +189,12 @@ class HFEngine:
         return outs
 
 
-def _finished(done: torch.Tensor, synced: bool) -> bool:
-    """Every row done; when ``synced``, on every rank (one all-reduce, so all ranks step the same times)."""
+def _finished(all_done: bool, synced: bool, device) -> bool:
+    """This rank's rows are all done; when ``synced``, every rank's (one all-reduce per step, so all ranks
+    run the same number of forwards)."""
     if not synced:
-        return bool(done.all())
-    left = (~done).any().to(torch.float32).reshape(1)
+        return all_done
+    left = torch.tensor([0.0 if all_done else 1.0], device=device)
     torch.distributed.all_reduce(left, op=torch.distributed.ReduceOp.MAX)
     return not bool(left.item())
 
