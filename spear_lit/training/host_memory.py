@@ -2,8 +2,8 @@
 
 glibc serves allocations above its mmap threshold (128 KiB, raised dynamically up to 32 MiB) with fresh
 pages and trims the heap above 128 KiB of free space back to the OS. A CPU training step allocates and
-frees the same multi-MiB activations every micro-batch (the MLP's [rows, tokens, 4·hidden] tensors), so
-every one of them page-faults and is zeroed again. Raising both thresholds keeps the process's heap at its
+frees the same multi-MiB activations every micro-batch (the MLP's [rows, tokens, 4·hidden] tensors), and
+what was handed back page-faults and is zeroed again. Raising both thresholds keeps the process's heap at its
 peak instead, as a caching allocator does on a GPU; on the vs_trl workload this made the CPU update ~3 %
 faster (bench/vs_trl.py). The cost: up to ``trim_mib`` of freed memory stays mapped to the process.
 ``train()`` calls it once at start-up. No effect, and no error, off glibc.
