@@ -88,14 +88,17 @@ class HFEngine:
         if not greedy and not temperature > 0:
             raise ValueError(f"temperature={temperature}: sampling needs T > 0 (use greedy=True for argmax)")
         out: list[list[int]] = []
-        for s in range(0, len(prompts), self.max_batch_size):
-            out += self._generate_chunk(
-                prompts[s : s + self.max_batch_size],
-                max_new_tokens[s : s + self.max_batch_size],
-                temperature,
-                top_p,
-                greedy,
-            )
+        # Inference mode (no autograd bookkeeping at all: ~5 % of a tiny policy's decode step) unless the
+        # parameters are sharded: FSDP2/ZeRO-3 gather them into buffers that the training forward reuses.
+        with torch.inference_mode(not is_sharded(self.model)):
+            for s in range(0, len(prompts), self.max_batch_size):
+                out += self._generate_chunk(
+                    prompts[s : s + self.max_batch_size],
+                    max_new_tokens[s : s + self.max_batch_size],
+                    temperature,
+                    top_p,
+                    greedy,
+                )
         return out
 
     def next_token_logits(self, logits: torch.Tensor, step: int) -> torch.Tensor:
