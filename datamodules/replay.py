@@ -73,6 +73,13 @@ class ShardedReplay:
         self.rows = {k: v for k, v in self.rows.items() if k in stored}
         self.rows.update({k: batch.row(i) for i, k in enumerate(keys) if k in stored})
 
+    def set_old_logp(self, key: int, old_logp: torch.Tensor) -> None:
+        """Give this rank's stored row ``key`` (if the buffer kept it) its old log-probs ``[≥ its response
+        tokens]``: computed by the on-policy step when no separate pass ran (see ``MiniBatch.replay_first_key``)."""
+        row = self.rows.get(key)
+        if row is not None:
+            row["old_logp"] = old_logp[: len(row["old_logp"])].clone()
+
     def sample(
         self, p50: float | None, p50_std: float | None, generator: torch.Generator
     ) -> tuple[list[dict], torch.Tensor, list[int], int]:

@@ -176,6 +176,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _steps(self):
         while True:
+            self._keep_step_old_logp()
             while self.queue and not self.queue[0].pending:  # applied, and its record (if any) consumed
                 self.queue.pop(0)
             if not self.queue:
@@ -225,7 +226,10 @@ class RolloutDataModule(L.LightningDataModule):
         steps = self._on_policy_steps(batch, t)
         for s in steps:
             s.old_logp_in_step = in_step
+            s.record_metrics = stats if in_step else None  # the iteration record's metrics (same dict)
         stats["perf/score_s"] = score_s
+        if in_step and self.replay is not None:  # the buffer gets this iteration's rows under these keys ...
+            steps[0].replay_first_key = self.replay.next_key  # ... and their old log-probs after the step
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
         first = _first_rows_of_episodes(rows.episode_keys[kept].tolist())
@@ -359,11 +363,13 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _old_logp(self, batch: TokenBatch, stats: dict) -> bool:
         """Old log-probs and the pre-update ``policy/entropy`` (:meth:`_fill_old_logp`), unless the iteration
-        is a single optimizer step without replay: that step starts from the weights that sampled its rows,
-        so its own forward gives both (``MiniBatch.old_logp_in_step``; returns True)."""
+        has a single on-policy optimizer step: that step starts from the weights that sampled its rows, so
+        its own forward gives both (``MiniBatch.old_logp_in_step``; returns True). With a replay buffer, the
+        rows it stores get those old log-probs once the step is done (:meth:`_keep_step_old_logp`), before
+        any replay can draw them (the earliest is the next iteration)."""
         start = time.perf_counter()
         rows = sum(all_gather_objects(len(batch)))
-        in_step = self.replay is None and self.ppo_epochs == 1 and rows <= self.mini_batch_rows
+        in_step = self.ppo_epochs == 1 and rows <= self.mini_batch_rows
         if not in_step:
             stats["policy/entropy"] = self._fill_old_logp(batch)  # the updates' is policy/entropy_update
         stats["perf/old_logp_s"] = time.perf_counter() - start
@@ -386,6 +392,19 @@ class RolloutDataModule(L.LightningDataModule):
             tokens += float(part.response_mask.sum())
         ent_sum, tokens = all_reduce([ent_sum, tokens], "sum").tolist()
         return ent_sum / tokens if tokens else float("nan")
+
+    def _keep_step_old_logp(self) -> None:
+        """Copy the old log-probs that completed in-step mini-batches computed (their rows in order: this rank's
+        whole batch, dummies aside) into the replay buffer's copies of those rows. Runs before the queue drops
+        a completed step and before a checkpoint is taken, so the buffer never holds a row without them."""
+        for mb in self.queue:
+            if mb.done and mb.replay_first_key is not None:
+                key = mb.replay_first_key
+                for m in mb.micro_batches:
+                    for row in [] if getattr(m, "dummy", False) else m.old_logp:
+                        self.replay.set_old_logp(key, row)
+                        key += 1
+                mb.replay_first_key = None
 
     def _mini_batches(
         self, batch: TokenBatch, positions: list[int], total: int, kind: str, t: int
@@ -488,6 +507,7 @@ class RolloutDataModule(L.LightningDataModule):
         """Iteration counter, pending mini-batches and every rank's replay rows (gathered: Lightning writes
         only rank 0's data-module state, so rank-local state must travel inside it). A completed step is
         not pending; the last step of an iteration stays until its record has been consumed."""
+        self._keep_step_old_logp()
         mine = {
             "queue": [m for m in self.queue if m.pending],
             "replay": self.replay.state_dict() if self.replay is not None else None,

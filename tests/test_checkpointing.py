@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, TINY_RUN_WITH_VALIDATION, compose_cfg, subprocess_env
+from helpers import REPO, TINY_RUN, TINY_RUN_WITH_VALIDATION, compose_cfg, subprocess_env
 from omegaconf import OmegaConf
 
 from spear_lit.training import checkpoints as ckpts
@@ -35,7 +35,8 @@ class Interrupt(L.Callback):
     """Raise ``KeyboardInterrupt`` (what Ctrl-C raises) once, at ``phase`` of RL iteration ``at``.
 
     Phases: ``rollout`` (inside generation of iteration ``at``), ``mid_iteration`` (after an optimizer step
-    that leaves both on-policy and replay mini-batches queued), ``validation`` (inside the evaluation after
+    that leaves both on-policy and replay mini-batches queued), ``before_replay`` (after the last on-policy
+    step of an iteration that still has replay steps queued), ``validation`` (inside the evaluation after
     iteration ``at``), ``export`` (while the final policy is written). ``flag`` is created when it fires, so
     the same configuration resumes without firing again (a resume must not change the configuration).
     """
@@ -78,10 +79,11 @@ class Interrupt(L.Callback):
             dm.tokenizer.save_pretrained = sp
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.phase == "mid_iteration":
-            pending = {mb.kind for mb in trainer.datamodule.queue if not getattr(mb, "done", False)}
-            if {"on_policy", "replay"} <= pending:
-                self._fire()
+        pending = {mb.kind for mb in trainer.datamodule.queue if not getattr(mb, "done", False)}
+        if self.phase == "mid_iteration" and {"on_policy", "replay"} <= pending:
+            self._fire()
+        if self.phase == "before_replay" and pending == {"replay"}:
+            self._fire()
 
 
 def _summary_start(stdout: str) -> list[tuple[str, str]]:
@@ -262,6 +264,34 @@ def test_a_failed_export_raises_and_keeps_the_previous_policy(tmp_path, monkeypa
     assert sorted(p.name for p in out.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy_hf"]
     PolicySource(str(out)).model()  # still loads
+
+
+def test_an_interrupt_after_an_in_step_on_policy_step_keeps_the_old_logp_of_the_stored_rows(tmp_path):
+    # One on-policy step per iteration: no old-log-prob pass; the rows stored in the replay buffer get their old
+    # log-probs from that step. Interrupted right after it (replay steps still queued), the checkpoint must hold
+    # them: the resumed run replays those rows in iteration 3 exactly as the uninterrupted run does.
+    one_step = [*TINY_RUN, "data.mini_batch_rows=16"]
+    ref = tmp_path / "reference"
+    proc = _run([*one_step, f"run_dir={ref}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [float(r["buffer/replayed"] or 0) > 0 for r in _rows(ref)] == [False, True, True]
+    args = [
+        *one_step,
+        f"run_dir={tmp_path / 'run'}",
+        "+callbacks.interrupt._target_=test_checkpointing.Interrupt",
+        "+callbacks.interrupt.phase=before_replay",
+        f"+callbacks.interrupt.flag={tmp_path}/fired",
+    ]
+    first = _run(args)
+    assert first.returncode != 0 and (tmp_path / "fired").exists(), first.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run/checkpoints/interrupted.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["RolloutDataModule"]["ranks"][0]
+    assert [mb.kind for mb in state["queue"]] == ["replay"]
+    stored = state["replay"]["rows"].values()
+    assert stored and all(float(r["old_logp"].abs().sum()) > 0 for r in stored)
+    resumed = _run([*args, "ckpt_path=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _rows(tmp_path / "run") == _rows(ref)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")

@@ -1,7 +1,9 @@
-"""The old-log-prob pass is skipped exactly when it is redundant: the iteration's only optimizer step, no replay.
+"""The old-log-prob pass is skipped exactly when it is redundant: the iteration's only on-policy optimizer step.
 
 Such a step starts from the weights that sampled its rows, so its own forward is the old policy: the ratio is 1
 and the gradient equals the one with separately computed old log-probs (what TRL does for one step per rollout).
+With SPEAR's replay buffer, the rows it stores get those old log-probs from the step, so that later replays of
+them see the same values as with the pass.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import torch
 from helpers import TINY_RUN, compose_cfg, micro_grads, tiny_learner
 
+from datamodules import RolloutDataModule
 from spear_lit.algos import ppo_clip_loss, seq_mean_token_sum_norm
 from spear_lit.batch import MiniBatch, Normalizers, TokenBatch
 from spear_lit.training import EntropyTerm, PolicyTerm
@@ -73,3 +76,31 @@ def test_a_one_step_iteration_without_replay_skips_the_pass_and_still_reports_en
     two = _rows(tmp_path / "two")
     assert objs["trainer"].global_step == 6
     assert all(float(r["perf/old_logp_s"]) > 0 for r in two)
+
+
+def test_spear_with_one_on_policy_step_skips_the_pass_and_replays_the_same_old_logp(tmp_path, monkeypatch):
+    # 4 x 4 rollouts in one mini-batch, SPEAR with a 2-row buffer: replay fires from iteration 2 on rows whose
+    # old log-probs the on-policy step of an earlier iteration supplied. A run that computes them with the
+    # separate pass instead must give the same metrics (losses, ratios, clipping, entropies, decisions).
+    spear = [*TINY_RUN, "data.mini_batch_rows=16"]
+    _, objs = train(compose_cfg(tmp_path / "in_step", spear))
+    in_step = _rows(tmp_path / "in_step")
+    assert objs["trainer"].global_step > 3  # on-policy steps plus replay steps
+    assert any(float(r["buffer/replayed"] or 0) > 0 for r in in_step)
+    assert all(float(r["perf/old_logp_s"]) < 0.05 for r in in_step)  # no pass ran
+
+    def separate_pass(self, batch, stats):
+        stats["policy/entropy"] = self._fill_old_logp(batch)
+        stats["perf/old_logp_s"] = 0.0
+        return False
+
+    monkeypatch.setattr(RolloutDataModule, "_old_logp", separate_pass)
+    train(compose_cfg(tmp_path / "pass", spear))
+    with_pass = _rows(tmp_path / "pass")
+    assert len(with_pass) == len(in_step) == 3
+    for a, b in zip(in_step, with_pass):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.startswith("perf/") or a[k] == b[k]:
+                continue
+            assert math.isclose(float(a[k]), float(b[k]), rel_tol=1e-5, abs_tol=1e-7), (k, a[k], b[k])

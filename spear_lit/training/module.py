@@ -280,10 +280,8 @@ class PolicyLearner(PolicyModule):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         sums = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
-        if (
-            mb.old_logp_in_step and mb.iteration_record is not None
-        ):  # the pre-update entropy is this forward's
-            mb.iteration_record["metrics"]["policy/entropy"] = sums.get("policy/entropy", float("nan"))
+        if mb.old_logp_in_step and mb.record_metrics is not None:  # the pre-update entropy is this forward's
+            mb.record_metrics["policy/entropy"] = sums.get("policy/entropy", float("nan"))
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
         elif math.isfinite(grad_norm) and all(
@@ -316,9 +314,14 @@ class PolicyLearner(PolicyModule):
             with torch.no_grad():
                 ref, _ = self.token_stats(micro, model=self.ref_model, entropy=False)
         g = torch.Generator(device=self.device).manual_seed(_seed(self.seed, self.global_step, k))
-        old_logp = (
-            logp.detach() if mb.old_logp_in_step else micro.old_logp
-        )  # same weights: exactly the old policy
+        old_logp = micro.old_logp
+        if mb.old_logp_in_step:  # the step's own weights sampled these rows: this forward is the old policy
+            old_logp = logp.detach()
+            if (
+                mb.replay_first_key is not None
+            ):  # kept with the rows (the data module copies them to the buffer)
+                kept = mb.micro_batches[k].old_logp
+                kept[:, : logp.shape[1]] = old_logp.to(kept.device)
         x = TermInput(
             logp=logp,
             old_logp=old_logp,
