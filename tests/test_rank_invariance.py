@@ -50,9 +50,10 @@ RUN = [
 TIMING = ("perf/",)
 
 
-def _run(world: int, out):
+def _run(world: int, out, extra=()):
     args = [
         *RUN,
+        *extra,
         f"trainer.devices={world}",
         f"run_dir={out}",
         f"+callbacks.rows.out_dir={out}/rows",
@@ -77,14 +78,26 @@ def _run(world: int, out):
 
 
 def test_decisions_metrics_and_parameters_do_not_depend_on_the_number_of_ranks(tmp_path):
-    results = {w: _run(w, tmp_path / f"ws{w}") for w in (1, 2, 4)}
+    _check_invariance({w: _run(w, tmp_path / f"ws{w}") for w in (1, 2, 4)})
+
+
+def test_one_on_policy_step_per_iteration_does_not_depend_on_the_number_of_ranks(tmp_path):
+    # All of an iteration's rows in one on-policy step: no old-log-prob pass; each rank's step gives the rows
+    # it stores for replay their old log-probs, and later replays draw them across ranks.
+    one_step = ["data.mini_batch_rows=64"]
+    results = {w: _run(w, tmp_path / f"ws{w}", one_step) for w in (1, 2)}
+    assert all(float(r["perf/old_logp_s"]) < 0.05 for r in results[1][0])  # the pass did not run
+    _check_invariance(results)
+
+
+def _check_invariance(results: dict) -> None:
     rows1, steps1, params1 = results[1]
     assert [int(r["iteration"]) for r in rows1] == list(range(1, ITERATIONS + 1))
     # the scenario exercises what the test is about: groups dropped every iteration, replay fired
     assert all(float(r["filter/groups_dropped"]) == 2 for r in rows1)  # floor(0.75 * 8) = 6 of 8 kept
     assert any(float(r["buffer/replayed"]) > 0 for r in rows1), [r["buffer/replayed"] for r in rows1]
     assert any(kind == "replay" for _, kind, *_ in steps1)
-    for w in (2, 4):
+    for w in sorted(results)[1:]:
         rows, steps, params = results[w]
         # the same rows, with the same advantages, in the same optimizer steps
         assert steps == steps1, f"world {w}"
