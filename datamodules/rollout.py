@@ -75,6 +75,10 @@ class RolloutDataModule(L.LightningDataModule):
             every tool call failed in the sandbox itself (``tool/error_rate`` 1); 0 = never stop.
     """
 
+    # The first on-policy step's own forward gives its rows' old log-probs (:meth:`_old_logp`). Off: the separate
+    # pass covers every row (the same values; tests compare the two).
+    first_step_old_logp = True
+
     def __init__(
         self,
         agent,
@@ -222,14 +226,14 @@ class RolloutDataModule(L.LightningDataModule):
         stats = self._rollout_stats(samples, rows, gen_s, agent_stats)
         stats["filter/groups_dropped"] = float(dropped)
         self._check_tool(t, stats)
-        in_step = self._old_logp(batch, stats)
+        pass_entropy = self._old_logp(batch, stats)
         steps = self._on_policy_steps(batch, t)
-        for s in steps:
-            s.old_logp_in_step = in_step
-            s.record_metrics = stats if in_step else None  # the iteration record's metrics (same dict)
+        if self.first_step_old_logp:  # it starts from the sampling weights: its forward is the old policy
+            head = steps[0]
+            head.old_logp_in_step, head.record_metrics, head.pass_entropy = True, stats, pass_entropy
+            # the buffer stores this iteration's rows under keys from here on, in row order
+            head.replay_first_key = None if self.replay is None else self.replay.next_key
         stats["perf/score_s"] = score_s
-        if in_step and self.replay is not None:  # the buffer gets this iteration's rows under these keys ...
-            steps[0].replay_first_key = self.replay.next_key  # ... and their old log-probs after the step
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
         first = _first_rows_of_episodes(rows.episode_keys[kept].tolist())
@@ -361,28 +365,38 @@ class RolloutDataModule(L.LightningDataModule):
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
 
-    def _old_logp(self, batch: TokenBatch, stats: dict) -> bool:
-        """Old log-probs and the pre-update ``policy/entropy`` (:meth:`_fill_old_logp`), unless the iteration
-        has a single on-policy optimizer step: that step starts from the weights that sampled its rows, so
-        its own forward gives both (``MiniBatch.old_logp_in_step``; returns True). With a replay buffer, the
-        rows it stores get those old log-probs once the step is done (:meth:`_keep_step_old_logp`), before
-        any replay can draw them (the earliest is the next iteration)."""
-        start = time.perf_counter()
-        rows = sum(all_gather_objects(len(batch)))
-        in_step = self.ppo_epochs == 1 and rows <= self.mini_batch_rows
-        if not in_step:
-            stats["policy/entropy"] = self._fill_old_logp(batch)  # the updates' is policy/entropy_update
-        stats["perf/old_logp_s"] = time.perf_counter() - start
-        return in_step
+    def _old_logp(self, batch: TokenBatch, stats: dict) -> tuple[float, float]:
+        """Old log-probs of the rows that the iteration's first on-policy step does not hold (SPEAR_SPEC §0
+        step 6), by a separate pass before any update of ``t``: none when they all fit in one step.
 
-    def _fill_old_logp(self, batch: TokenBatch) -> float:
-        """``batch.old_logp`` under the current weights (SPEAR_SPEC §0 step 6), before any update of ``t``;
-        these are also the values stored with the rows in the replay buffer. Returns the policy's token-mean
-        entropy on the iteration's loss tokens over all ranks, from the same pass (pre-update, as the paper
-        plots it)."""
-        parts = self._micro_split(batch)
+        The first step starts from the weights that sampled the rows, so its own forward gives its rows' old
+        log-probs (``MiniBatch.old_logp_in_step``; ratio 1, as TRL does for one step per rollout): it writes
+        them into its micro-batches (later PPO epochs read them there) and the data module copies them into
+        the replay buffer's copies of the rows (:meth:`_keep_step_old_logp`) before any replay can draw them
+        (the earliest is the next iteration). Returns the pass's global ``(entropy sum, loss tokens)``, with
+        which the first step completes the iteration's pre-update ``policy/entropy``. With
+        ``first_step_old_logp`` off the pass covers every row and sets ``policy/entropy`` itself."""
+        start = time.perf_counter()
+        counts = all_gather_objects(len(batch))
+        covered, skip = 0, 0  # rows the first step covers: over all ranks, and this rank's first ones
+        if self.first_step_old_logp:
+            covered = self.mini_batch_rows  # global positions below it
+            skip = min(len(batch), max(0, covered - sum(counts[: world()[0]])))
+        entropy = (0.0, 0.0)
+        if sum(counts) > covered:  # the same decision on every rank: the pass is a collective
+            entropy = self._fill_old_logp(batch, skip)
+        if not self.first_step_old_logp:
+            stats["policy/entropy"] = entropy[0] / entropy[1] if entropy[1] else float("nan")
+        stats["perf/old_logp_s"] = time.perf_counter() - start
+        return entropy
+
+    def _fill_old_logp(self, batch: TokenBatch, start: int) -> tuple[float, float]:
+        """``batch.old_logp`` of rows ``start..`` under the current weights; these are also the values stored
+        with the rows in the replay buffer. Returns the policy's entropy summed over those rows' loss tokens
+        and their count, over all ranks (pre-update, as the paper plots it)."""
+        parts = self._micro_split(batch.select(list(range(start, len(batch)))))
         entropies: list[torch.Tensor] = []
-        offset, ent_sum, tokens = 0, 0.0, 0.0
+        offset, ent_sum, tokens = start, 0.0, 0.0
         for part, old, ent in zip(parts, self.learner.old_logprobs(parts, entropies), entropies):
             if getattr(part, "dummy", False):
                 continue
@@ -391,12 +405,13 @@ class RolloutDataModule(L.LightningDataModule):
             ent_sum += float((ent * part.response_mask).sum())
             tokens += float(part.response_mask.sum())
         ent_sum, tokens = all_reduce([ent_sum, tokens], "sum").tolist()
-        return ent_sum / tokens if tokens else float("nan")
+        return ent_sum, tokens
 
     def _keep_step_old_logp(self) -> None:
-        """Copy the old log-probs that completed in-step mini-batches computed (their rows in order: this rank's
-        whole batch, dummies aside) into the replay buffer's copies of those rows. Runs before the queue drops
-        a completed step and before a checkpoint is taken, so the buffer never holds a row without them."""
+        """Copy the old log-probs that completed in-step mini-batches computed (their rows in order: the first
+        rows of this rank's batch, dummies aside) into the replay buffer's copies of those rows. Runs before the
+        queue drops a completed step and before a checkpoint is taken, so the buffer never holds a row without
+        them."""
         for mb in self.queue:
             if mb.done and mb.replay_first_key is not None:
                 key = mb.replay_first_key

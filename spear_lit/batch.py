@@ -226,14 +226,16 @@ class MiniBatch:
     empty: bool = False  # no rows on any rank (e.g. every group was filtered out): no update
     done: bool = False  # its optimizer step has completed (set by the learner): no longer pending
     record_done: bool = False  # the callbacks have consumed its iteration_record (set after them)
-    # The iteration's only on-policy step: it starts from the weights that sampled its rows, so its own forward
-    # gives the old log-probs (ratio 1, as TRL does) and the separate old-log-prob pass is skipped. The step
-    # writes its pre-update entropy into ``record_metrics`` (the iteration record's metrics) and, where its rows
-    # also went into the replay buffer (keys ``replay_first_key``, ``+1``, ... in row order), their old
-    # log-probs into its micro-batches, which the data module then copies into the buffer's rows.
+    # The iteration's first on-policy step: it starts from the weights that sampled its rows, so its own forward
+    # gives their old log-probs (ratio 1, as TRL does; the separate pass covers only the other steps' rows). It
+    # writes them into its micro-batches (later PPO epochs read them there; the data module copies them into the
+    # replay buffer's rows, keys ``replay_first_key``, ``+1``, ... in row order) and completes the pre-update
+    # ``policy/entropy`` in ``record_metrics`` (the iteration record's metrics) with the pass's global
+    # ``(entropy sum, loss tokens)`` over the other rows, ``pass_entropy``.
     old_logp_in_step: bool = False
     record_metrics: dict | None = field(default=None)
     replay_first_key: int | None = None
+    pass_entropy: tuple[float, float] = (0.0, 0.0)
 
     @property
     def pending(self) -> bool:

@@ -1,9 +1,9 @@
-"""The old-log-prob pass is skipped exactly when it is redundant: the iteration's only on-policy optimizer step.
+"""The old-log-prob pass skips what is redundant: the rows of the iteration's first on-policy optimizer step.
 
-Such a step starts from the weights that sampled its rows, so its own forward is the old policy: the ratio is 1
+That step starts from the weights that sampled its rows, so its own forward is the old policy: the ratio is 1
 and the gradient equals the one with separately computed old log-probs (what TRL does for one step per rollout).
-With SPEAR's replay buffer, the rows it stores get those old log-probs from the step, so that later replays of
-them see the same values as with the pass.
+The rows keep those values for later PPO epochs and, with SPEAR's replay buffer, for later replays of them: a
+run gives the same numbers as with the pass over every row.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
 import torch
 from helpers import TINY_RUN, compose_cfg, micro_grads, tiny_learner
 
@@ -78,25 +79,31 @@ def test_a_one_step_iteration_without_replay_skips_the_pass_and_still_reports_en
     assert all(float(r["perf/old_logp_s"]) > 0 for r in two)
 
 
-def test_spear_with_one_on_policy_step_skips_the_pass_and_replays_the_same_old_logp(tmp_path, monkeypatch):
-    # 4 x 4 rollouts in one mini-batch, SPEAR with a 2-row buffer: replay fires from iteration 2 on rows whose
-    # old log-probs the on-policy step of an earlier iteration supplied. A run that computes them with the
-    # separate pass instead must give the same metrics (losses, ratios, clipping, entropies, decisions).
-    spear = [*TINY_RUN, "data.mini_batch_rows=16"]
-    _, objs = train(compose_cfg(tmp_path / "in_step", spear))
+@pytest.mark.parametrize(
+    "split",
+    [
+        ["data.mini_batch_rows=16"],
+        ["data.mini_batch_rows=8"],
+        ["data.mini_batch_rows=8", "data.ppo_epochs=2"],
+    ],
+    ids=["one_step", "two_steps", "two_steps_two_epochs"],
+)
+def test_spear_gives_the_same_run_as_with_the_pass_over_every_row(tmp_path, monkeypatch, split):
+    # 4 x 4 rollouts, SPEAR with a 2-row buffer: replay fires from iteration 2 on rows whose old log-probs the
+    # first on-policy step of an earlier iteration supplied (all of them with one step per iteration; the first
+    # step's with two, the pass the rest; with two PPO epochs the second epoch reads them from the first). A
+    # run whose pass covers every row must give the same metrics (losses, ratios, clipping, entropies,
+    # decisions).
+    run = [*TINY_RUN, *split]
+    _, objs = train(compose_cfg(tmp_path / "in_step", run))
     in_step = _rows(tmp_path / "in_step")
-    assert objs["trainer"].global_step > 3  # on-policy steps plus replay steps
     assert any(float(r["buffer/replayed"] or 0) > 0 for r in in_step)
-    assert all(float(r["perf/old_logp_s"]) < 0.05 for r in in_step)  # no pass ran
-
-    def separate_pass(self, batch, stats):
-        stats["policy/entropy"] = self._fill_old_logp(batch)
-        stats["perf/old_logp_s"] = 0.0
-        return False
-
-    monkeypatch.setattr(RolloutDataModule, "_old_logp", separate_pass)
-    train(compose_cfg(tmp_path / "pass", spear))
+    if split == ["data.mini_batch_rows=16"]:
+        assert all(float(r["perf/old_logp_s"]) < 0.05 for r in in_step)  # no pass ran
+    monkeypatch.setattr(RolloutDataModule, "first_step_old_logp", False)
+    _, ref = train(compose_cfg(tmp_path / "pass", run))
     with_pass = _rows(tmp_path / "pass")
+    assert objs["trainer"].global_step == ref["trainer"].global_step
     assert len(with_pass) == len(in_step) == 3
     for a, b in zip(in_step, with_pass):
         assert a.keys() == b.keys()

@@ -279,9 +279,12 @@ class PolicyLearner(PolicyModule):
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        sums = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
-        if mb.old_logp_in_step and mb.record_metrics is not None:  # the pre-update entropy is this forward's
-            mb.record_metrics["policy/entropy"] = sums.get("policy/entropy", float("nan"))
+        sums, step_tokens = _global_step_metrics(additive, weighted, tokens)  # identical on every rank
+        if mb.old_logp_in_step and mb.record_metrics is not None:
+            # the pre-update entropy: this forward's over its rows, plus the pass's over the other steps' rows
+            e_sum, e_tokens = mb.pass_entropy
+            e_sum, e_tokens = e_sum + sums.get("policy/entropy", 0.0) * step_tokens, e_tokens + step_tokens
+            mb.record_metrics["policy/entropy"] = e_sum / e_tokens if e_tokens else float("nan")
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
         elif math.isfinite(grad_norm) and all(
@@ -317,11 +320,8 @@ class PolicyLearner(PolicyModule):
         old_logp = micro.old_logp
         if mb.old_logp_in_step:  # the step's own weights sampled these rows: this forward is the old policy
             old_logp = logp.detach()
-            if (
-                mb.replay_first_key is not None
-            ):  # kept with the rows (the data module copies them to the buffer)
-                kept = mb.micro_batches[k].old_logp
-                kept[:, : logp.shape[1]] = old_logp.to(kept.device)
+            kept = mb.micro_batches[k].old_logp  # kept with the rows: later PPO epochs, the replay buffer
+            kept[:, : logp.shape[1]] = old_logp.to(kept.device)
         x = TermInput(
             logp=logp,
             old_logp=old_logp,
@@ -418,14 +418,15 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 def _global_step_metrics(
     additive: dict[str, float], weighted: dict[str, float], tokens: float
-) -> dict[str, float]:
+) -> tuple[dict[str, float], float]:
     """One step's metrics over all ranks (one all-reduce): loss terms are sums of the ranks' parts (their
-    normalizers are global), the others token means. Every rank computes the same terms, hence the same keys."""
+    normalizers are global), the others token means; and the step's loss tokens over all ranks. Every rank
+    computes the same terms, hence the same keys."""
     a, w = sorted(additive), sorted(weighted)
     total = all_reduce([*(additive[k] for k in a), *(weighted[k] for k in w), tokens], "sum").tolist()
     out = dict(zip(a, total[: len(a)]))
     out.update({k: v / max(total[-1], 1.0) for k, v in zip(w, total[len(a) : -1])})
-    return out
+    return out, total[-1]
 
 
 def _is_deepspeed(module: L.LightningModule) -> bool:
