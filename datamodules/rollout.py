@@ -226,8 +226,10 @@ class RolloutDataModule(L.LightningDataModule):
         stats = self._rollout_stats(samples, rows, gen_s, agent_stats)
         stats["filter/groups_dropped"] = float(dropped)
         self._check_tool(t, stats)
-        pass_entropy = self._old_logp(batch, stats)
-        steps = self._on_policy_steps(batch, t)
+        counts = all_gather_objects(len(batch))  # every rank's rows, in global row order
+        offset = sum(counts[: world()[0]])  # this rank's first row's global position
+        pass_entropy = self._old_logp(batch, offset, sum(counts), stats)
+        steps = self._on_policy_steps(batch, offset, sum(counts), t)
         if self.first_step_old_logp:  # it starts from the sampling weights: its forward is the old policy
             head = steps[0]
             head.old_logp_in_step, head.record_metrics, head.pass_entropy = True, stats, pass_entropy
@@ -355,17 +357,14 @@ class RolloutDataModule(L.LightningDataModule):
             )
 
     # ------------------------------------------------------------------ batching
-    def _on_policy_steps(self, batch: TokenBatch, t: int) -> list[MiniBatch]:
-        """``ppo_epochs`` passes of mini-batches (old log-probs filled); identical step counts on all ranks."""
-        counts = all_gather_objects(len(batch))
-        offset = sum(counts[: world()[0]])
-        steps = self._mini_batches(
-            batch, list(range(offset, offset + len(batch))), sum(counts), "on_policy", t
-        )
+    def _on_policy_steps(self, batch: TokenBatch, offset: int, total: int, t: int) -> list[MiniBatch]:
+        """``ppo_epochs`` passes of mini-batches (old log-probs filled); identical step counts on all ranks.
+        ``offset``: this rank's first row's global position; ``total``: rows over all ranks."""
+        steps = self._mini_batches(batch, list(range(offset, offset + len(batch))), total, "on_policy", t)
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
 
-    def _old_logp(self, batch: TokenBatch, stats: dict) -> tuple[float, float]:
+    def _old_logp(self, batch: TokenBatch, offset: int, total: int, stats: dict) -> tuple[float, float]:
         """Old log-probs of the rows that the iteration's first on-policy step does not hold (SPEAR_SPEC §0
         step 6), by a separate pass before any update of ``t``: none when they all fit in one step.
 
@@ -377,13 +376,12 @@ class RolloutDataModule(L.LightningDataModule):
         which the first step completes the iteration's pre-update ``policy/entropy``. With
         ``first_step_old_logp`` off the pass covers every row and sets ``policy/entropy`` itself."""
         start = time.perf_counter()
-        counts = all_gather_objects(len(batch))
         covered, skip = 0, 0  # rows the first step covers: over all ranks, and this rank's first ones
         if self.first_step_old_logp:
             covered = self.mini_batch_rows  # global positions below it
-            skip = min(len(batch), max(0, covered - sum(counts[: world()[0]])))
+            skip = min(len(batch), max(0, covered - offset))
         entropy = (0.0, 0.0)
-        if sum(counts) > covered:  # the same decision on every rank: the pass is a collective
+        if total > covered:  # the same decision on every rank: the pass is a collective
             entropy = self._fill_old_logp(batch, skip)
         if not self.first_step_old_logp:
             stats["policy/entropy"] = entropy[0] / entropy[1] if entropy[1] else float("nan")

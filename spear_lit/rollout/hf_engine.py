@@ -159,9 +159,8 @@ class HFEngine:
             done, t = budget <= 0, 0
             while True:
                 all_done = bool(done.all())
-                if _finished(
-                    all_done, synced, device
-                ):  # a synced rank keeps stepping until every rank is done
+                # a synced rank keeps stepping until every rank is done
+                if _finished(all_done, synced, device):
                     break
                 if width + t > mask.shape[1]:  # a synced rank past its own budget: the cache grows too
                     mask = torch.cat([mask, mask.new_ones(n, max(steps, 1))], 1)
