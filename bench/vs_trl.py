@@ -9,7 +9,8 @@ tokens (EOS forbidden until then: TRL `generation_kwargs={"min_new_tokens": 128}
 `trl_workload.FixedLengthHFEngine`); substring reward; no tool; Dr.GRPO (TRL `loss_type="dr_grpo"`,
 `scale_rewards="none"`, beta=0; ours `loss=grpo` with `norm_by_std=false` and `seq_mean_token_sum_norm`);
 micro-batches of 32 rows and one optimizer step of 64 rows per iteration; AdamW lr 1e-4, wd 0.01, clip 1.0;
-fp32; no gradient checkpointing; CPU, one thread per process.
+fp32; no gradient checkpointing; no checkpoint saving (TRL `save_strategy="no"`, ours without the
+`checkpoint` callback, which otherwise refreshes last.ckpt every iteration); CPU, one thread per process.
 
 Each run is its own subprocess, alternating TRL, ours, floor, TRL, ours, floor, ... so that both see the same
 machine load. Seconds per iteration are the wall time between the ends of consecutive optimizer steps
@@ -166,6 +167,7 @@ def run_ours(model_dir: str, iterations: int, out: dict, engine: str = "hf") -> 
         "trainer.precision=32-true",
         f"run_dir={out['tmp']}",
         "~callbacks.validation",
+        "~callbacks.checkpoint",  # TRL saves nothing either (save_strategy="no")
         "export_hf=false",
         "trainer.logger=null",
     ]

@@ -104,3 +104,52 @@ def test_decode_path_masks_like_sdpa(kind):
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
     assert got.shape == (b, 1, h, d)
     assert torch.allclose(got, want.transpose(1, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@torch.no_grad()
+def test_decode_with_shared_prompt_prefixes_equals_eager(kv_heads):
+    """Rows in blocks of G that share a left-padded prompt: the cache keeps each prompt once
+    (``PreallocatedLayer.share_prefix``) and the cascade path reads it once per block. Every decode step's
+    logits equal eager attention on per-row copies, also past the suffix buffer's first capacity."""
+    from spear_lit.policy.attention import SHARED_PREFIX
+    from spear_lit.rollout.hf_engine import _block_groups
+
+    fast, eager = _pair(kv_heads)
+    fast.eval(), eager.eval()
+    ids, mask = _padded(n=3)
+    G = 4
+    inv = torch.arange(3).repeat_interleave(G)
+    assert _block_groups(inv) == G and _block_groups(torch.arange(3).repeat(G)) == 0
+    assert _block_groups(torch.arange(12)) == 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    shared = Cache(layers=[PreallocatedLayer(ids.shape[1] + 3) for _ in range(2)])  # suffix capacity 3
+    fast(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=shared, use_cache=True)
+    for layer in shared.layers:
+        layer.share_prefix(inv[::G], G)
+    ids, mask, pos = ids[inv], mask[inv], pos[inv]
+    rows = Cache(layers=[PreallocatedLayer(40) for _ in range(2)])
+    eager(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=rows, use_cache=True)
+    nxt = torch.randint(3, 250, (len(ids), 1), generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = pos[:, -1:] + 1
+        a = fast(
+            input_ids=nxt,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=shared,
+            use_cache=True,
+            **{SHARED_PREFIX: shared},
+        ).logits[:, -1]
+        b = eager(
+            input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=rows, use_cache=True
+        ).logits[:, -1]
+        assert (a - b).abs().max() < 1e-5, step
+        nxt = b.argmax(-1, keepdim=True)
+    layer = shared.layers[0]
+    assert layer.prefix_keys.shape[0] == 3 and layer.get_seq_length() == rows.layers[0].get_seq_length()
+    assert layer.capacity >= 8 > 3  # the suffix buffer grew while decoding
+    empty = PreallocatedLayer(4)  # nothing prefilled (one-token prompts): stays a plain per-row buffer
+    empty.share_prefix(torch.zeros(1, dtype=torch.long), 2)
+    assert empty.groups == 0 and empty.get_seq_length() == 0

@@ -251,3 +251,6 @@ def test_preallocated_kv_cache_decodes_exactly_like_transformers_default(ckpt):
         row = row[width:]
         want.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
     assert got == [*want, *want[::-1]]
+    # rows in blocks that share a prompt: each prompt's cache kept once, read once per block (cascade decode)
+    got = eng.generate([p for p in prompts for _ in range(3)], max_new_tokens=[20] * 9, greedy=True)
+    assert got == [w for w in want for _ in range(3)]

@@ -46,7 +46,9 @@ class ToolAgent:
 
     def _episodes(self, engine, tokenizer, problems, **kw):
         system = getattr(self.task, "system_prompt", None)
-        prompts = [prompt_ids(tokenizer, p.prompt, system) for p in problems]
+        # each distinct prompt rendered once (a group's episodes share one; run_tool_episodes copies the lists)
+        rendered = {q: prompt_ids(tokenizer, q, system) for q in dict.fromkeys(p.prompt for p in problems)}
+        prompts = [rendered[p.prompt] for p in problems]
         episodes = run_tool_episodes(
             engine, tokenizer, prompts, self._call_tool, max_turns=self.max_turns, **kw
         )

@@ -22,6 +22,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "spear_sdpa"
+SHARED_PREFIX = "spear_shared_prefix"  # forward kwarg: a cache whose layers share prompt prefixes per block
+
+
+def cascade_attention(model: torch.nn.Module) -> bool:
+    """Decode steps may read shared prompt prefixes (:func:`cascade_decode`): the model runs this module's
+    attention (the only one that reads :data:`SHARED_PREFIX` caches), on CPU, where it was measured."""
+    attn = getattr(model.config.get_text_config(), "_attn_implementation", None)
+    return attn == NAME and next(model.parameters()).device.type == "cpu"
 
 
 def spear_sdpa_forward(
@@ -37,6 +45,9 @@ def spear_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """``query [B, H, q, d]``, ``key``/``value [B, Hkv, k, d]``, mask ``[B, 1, q, k]`` bool or additive (or
     None): returns ``[B, q, H, d]`` as transformers' attention functions do."""
+    shared = kwargs.get(SHARED_PREFIX)
+    if shared is not None and query.shape[2] == 1:
+        return cascade_decode(shared.layers[module.layer_idx], query, attention_mask, scaling), None
     special = (
         dropout
         or kwargs.get("sliding_window")
@@ -78,6 +89,41 @@ def spear_sdpa_forward(
         enable_gqa=hkv != h,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def cascade_decode(layer, query: torch.Tensor, attention_mask, scaling: float | None) -> torch.Tensor:
+    """One decode step's attention over a cache whose rows come in blocks of ``G`` that share a prompt
+    (:meth:`spear_lit.rollout.hf_engine.PreallocatedLayer.share_prefix`): each block's queries meet its
+    prompt's keys/values in one product (read once per block, not once per row), each row's own suffix
+    in a per-row product, under one softmax. ``query [B, H, 1, d]`` with rows block-major; returns
+    ``[B, 1, H, d]``."""
+    pk, pv = layer.prefix_keys, layer.prefix_values  # [P, Hkv, Lp, d]
+    sk, sv = layer.keys, layer.values  # [P, Hkv, G, Ls, d]
+    p, hkv, lp, d = pk.shape
+    grp, ls = sk.shape[2], sk.shape[3]
+    b, h = query.shape[:2]
+    g = h // hkv
+    scale = d**-0.5 if scaling is None else scaling
+    # queries block-major per KV head: [P, G, Hkv, g, d] -> [P*Hkv, G*g, d]
+    q = query.view(p, grp, hkv, g, d).transpose(1, 2).reshape(p * hkv, grp * g, d)
+    s1 = torch.bmm(q, pk.view(p * hkv, lp, d).transpose(1, 2))  # [P*Hkv, G*g, Lp]
+    s2 = torch.bmm(q.view(p * hkv * grp, g, d), sk.reshape(p * hkv * grp, ls, d).transpose(1, 2))
+    scores = torch.cat([s1, s2.view(p * hkv, grp * g, ls)], -1).mul_(scale)  # [P*Hkv, G*g, L]
+    if attention_mask is not None:
+        n = lp + ls
+        mask = attention_mask.reshape(-1, n)
+        mask = mask.view(p, 1, grp, 1, n) if mask.shape[0] == b else mask.view(1, 1, 1, 1, n)
+        s5 = scores.view(p, hkv, grp, g, n)
+        s5 = s5.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s5 + mask
+        scores = s5.view(p * hkv, grp * g, n)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(pv.dtype)
+    out = torch.bmm(probs[..., :lp], pv.view(p * hkv, lp, pv.shape[-1]))  # [P*Hkv, G*g, d]
+    out = torch.baddbmm(
+        out.view(p * hkv * grp, g, -1),
+        probs[..., lp:].reshape(p * hkv * grp, g, ls),
+        sv.reshape(p * hkv * grp, ls, sv.shape[-1]),
+    )
+    return out.view(p, hkv, grp, g, -1).transpose(1, 2).reshape(b, 1, h, -1)
 
 
 AttentionInterface.register(NAME, spear_sdpa_forward)
