@@ -284,19 +284,17 @@ class PreallocatedLayer(DynamicLayer):
 
     def _update_suffix(self, key_states, value_states):
         p, h, g = self.k_buf.shape[:3]
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            self.capacity = max(end, 2 * self.capacity)
-            old = self.k_buf, self.v_buf
-            self.k_buf, self.v_buf = (b.new_empty(p, h, g, self.capacity, b.shape[-1]) for b in old)
-            for new, b in zip((self.k_buf, self.v_buf), old):
-                new[:, :, :, : self.length] = b[:, :, :, : self.length]
-        for buf, x in (
-            (self.k_buf, key_states),
-            (self.v_buf, value_states),
-        ):  # [B, Hkv, s, d] -> [P, Hkv, G, s, d]
-            buf[:, :, :, self.length : end] = x.view(p, g, h, -1, x.shape[-1]).transpose(1, 2)
-        self.length = end
+        s, start = key_states.shape[-2], self.length
+        if start + s > self.capacity:
+            self.capacity = max(start + s, 2 * self.capacity)
+            k, v = self.k_buf[:, :, :, :start], self.v_buf[:, :, :, :start]
+            self.k_buf = k.new_empty(p, h, g, self.capacity, k.shape[-1])
+            self.v_buf = v.new_empty(p, h, g, self.capacity, v.shape[-1])
+            self.k_buf[:, :, :, :start], self.v_buf[:, :, :, :start] = k, v
+        self.length = end = start + s
+        # rows are [P, G] blocks: [B, Hkv, s, d] -> [P, Hkv, G, s, d]
+        self.k_buf[:, :, :, start:end] = key_states.view(p, g, h, s, -1).transpose(1, 2)
+        self.v_buf[:, :, :, start:end] = value_states.view(p, g, h, s, -1).transpose(1, 2)
         self.keys, self.values = self.k_buf[:, :, :, :end], self.v_buf[:, :, :, :end]
         return self.keys, self.values
 
