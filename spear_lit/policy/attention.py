@@ -1,4 +1,4 @@
-"""``attn_implementation="sdpa"`` as the policy runs it: transformers' SDPA attention, with two CPU paths
+"""``attn_implementation="sdpa"`` as the policy runs it: transformers' SDPA attention, with CPU paths
 that compute the same attention faster on small-head models (the tiny policies; bench/vs_trl.py).
 
 * **Grouped-query heads without copies.** transformers repeats every key/value head ``H / Hkv`` times
@@ -7,6 +7,9 @@ that compute the same attention faster on small-head models (the tiny policies; 
 * **Decode steps (one query token) as two batched matmuls.** The flash kernel is built for query blocks;
   for a single query token per row, ``softmax(q kᵀ / √d + mask) v`` over ``[B·Hkv]`` groups of ``H / Hkv``
   query heads is cheaper, and it reads the KV cache in place (a preallocated buffer's view).
+* **Decode steps over a shared prompt** (:func:`cascade_decode`): when the HF engine keeps a group's
+  prompt once in the cache (the forward gets it as the :data:`SHARED_PREFIX` keyword), the block's
+  queries meet the prompt's keys/values in one product instead of every row reading its own copy.
 
 Everything else (other devices, dropout, sliding windows, attention sinks, position biases) goes to
 transformers' own ``sdpa_attention_forward``. :data:`NAME` is registered with transformers' attention and
