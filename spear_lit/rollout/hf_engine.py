@@ -248,20 +248,23 @@ class PreallocatedLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.groups:
-            return self._update_suffix(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.groups:  # rows are [P, G] blocks (share_prefix): [B, Hkv, s, d] -> [P, Hkv, G, s, d]
+            p, h, g = self.k_buf.shape[:3]
+            key_states, value_states = (
+                x.view(p, g, h, x.shape[2], -1).transpose(1, 2) for x in (key_states, value_states)
+            )
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:
+        if end > self.capacity:  # positions are dim -2 of the buffers in either layout
             self.capacity = max(end, 2 * self.capacity)
-            k, v = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
-            self.lazy_initialization(key_states, value_states)
-            self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length] = k, v
-        self.k_buf[:, :, self.length : end] = key_states
-        self.v_buf[:, :, self.length : end] = value_states
+            old = self.k_buf[..., : self.length, :], self.v_buf[..., : self.length, :]
+            self.k_buf, self.v_buf = (b.new_empty(*b.shape[:-2], self.capacity, b.shape[-1]) for b in old)
+            self.k_buf[..., : self.length, :], self.v_buf[..., : self.length, :] = old
+        self.k_buf[..., self.length : end, :] = key_states
+        self.v_buf[..., self.length : end, :] = value_states
         self.length = end
-        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        self.keys, self.values = self.k_buf[..., :end, :], self.v_buf[..., :end, :]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -281,22 +284,6 @@ class PreallocatedLayer(DynamicLayer):
         self.k_buf = self.k_buf.new_empty(p, h, groups, cap, d)  # [P, Hkv, G, cap, d]: block-major rows
         self.v_buf = self.v_buf.new_empty(p, h, groups, cap, self.prefix_values.shape[-1])
         self.groups, self.capacity, self.length = groups, cap, 0
-
-    def _update_suffix(self, key_states, value_states):
-        p, h, g = self.k_buf.shape[:3]
-        s, start = key_states.shape[-2], self.length
-        if start + s > self.capacity:
-            self.capacity = max(start + s, 2 * self.capacity)
-            k, v = self.k_buf[:, :, :, :start], self.v_buf[:, :, :, :start]
-            self.k_buf = k.new_empty(p, h, g, self.capacity, k.shape[-1])
-            self.v_buf = v.new_empty(p, h, g, self.capacity, v.shape[-1])
-            self.k_buf[:, :, :, :start], self.v_buf[:, :, :, :start] = k, v
-        self.length = end = start + s
-        # rows are [P, G] blocks: [B, Hkv, s, d] -> [P, Hkv, G, s, d]
-        self.k_buf[:, :, :, start:end] = key_states.view(p, g, h, s, -1).transpose(1, 2)
-        self.v_buf[:, :, :, start:end] = value_states.view(p, g, h, s, -1).transpose(1, 2)
-        self.keys, self.values = self.k_buf[:, :, :, :end], self.v_buf[:, :, :, :end]
-        return self.keys, self.values
 
     def rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` of the batch (repeats allowed: a shared prompt copied out to its rows)."""
