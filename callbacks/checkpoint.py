@@ -26,19 +26,33 @@ def _folder(dirpath: str | None, trainer) -> Path:
 
 
 class IterationCheckpoint(Checkpoint):
-    """Save ``iter_<t>.ckpt`` every ``k`` iterations and always refresh ``last.ckpt`` (atomically).
+    """Save ``iter_<t>.ckpt`` every ``k`` iterations and refresh ``last.ckpt`` (atomically) every ``m``.
 
     The checkpoint holds the model, optimizer, RL iteration, pending mini-batches, every rank's replay
     buffer, the baseline history and callback state: ``python train.py ckpt_path=.../last.ckpt``
     continues the run where it stopped.
 
+    ``last.ckpt`` is also written after the run's last iteration, and preemption (``Preemption``) and
+    exceptions (``ExceptionCheckpoint``) save on their own; what ``m > 1`` risks is the iterations since
+    the last refresh when a multi-process run dies of anything else (a node failure, an OOM kill).
+
     Args:
         every_n_iterations: keep a numbered checkpoint every ``k`` iterations (0 = only ``last.ckpt``).
+        last_every_n_iterations: refresh ``last.ckpt`` every ``m`` iterations (≥ 1; 1 = every iteration).
+            A large model writes its whole sharded state and optimizer each time (a 32B policy with AdamW
+            in bf16: ~200 GB), so a cluster run may want the refresh less often than its iterations.
         dirpath: folder; ``None`` = ``<default_root_dir>/checkpoints``.
     """
 
-    def __init__(self, every_n_iterations: int = 0, dirpath: str | None = None):
-        self.every, self.dirpath = every_n_iterations, dirpath
+    def __init__(
+        self, every_n_iterations: int = 0, dirpath: str | None = None, last_every_n_iterations: int = 1
+    ):
+        if every_n_iterations < 0 or last_every_n_iterations < 1:
+            raise ValueError(
+                f"callbacks.checkpoint: every_n_iterations must be >= 0 and last_every_n_iterations >= 1, "
+                f"got {every_n_iterations} and {last_every_n_iterations}"
+            )
+        self.every, self.dirpath, self.last_every = every_n_iterations, dirpath, last_every_n_iterations
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)
@@ -48,7 +62,9 @@ class IterationCheckpoint(Checkpoint):
         t = record["iteration"]
         if self.every and t % self.every == 0:
             save_checkpoint(trainer, folder / f"iter_{t:05d}.ckpt")
-        save_checkpoint(trainer, folder / "last.ckpt")
+        final = t >= getattr(trainer.datamodule, "iterations", float("inf"))
+        if t % self.last_every == 0 or final:
+            save_checkpoint(trainer, folder / "last.ckpt")
 
 
 class ExceptionCheckpoint(Checkpoint):

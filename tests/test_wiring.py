@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import TINY_RUN, OnPolicySpy, compose_cfg, micro_grads, tiny_learner
 from hydra.utils import instantiate
@@ -131,6 +132,25 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert da.baseline.state_dict() == db.baseline.state_dict()
     assert da.tool_reward_weight == db.tool_reward_weight and a.sil_coef == b.sil_coef
     assert full["trainer"].global_step == resumed["trainer"].global_step
+
+
+def test_last_ckpt_is_refreshed_at_its_cadence_and_after_the_last_iteration(tmp_path, monkeypatch):
+    import callbacks.checkpoint as cb
+    from spear_lit.training.checkpoints import read_checkpoint
+
+    saved, real = [], cb.save_checkpoint  # the real save, recorded: (iteration in the file, file name)
+
+    def recording(trainer, path):
+        real(trainer, path)
+        saved.append((read_checkpoint(path)["spear_lit"]["iteration"], path.name))
+
+    monkeypatch.setattr(cb, "save_checkpoint", recording)
+    cadence = ["callbacks.checkpoint.every_n_iterations=3", "callbacks.checkpoint.last_every_n_iterations=2"]
+    train(compose_cfg(tmp_path, [*TINY_RUN, "iterations=5", *cadence]))
+    assert saved == [(2, "last.ckpt"), (3, "iter_00003.ckpt"), (4, "last.ckpt"), (5, "last.ckpt")]
+
+    with pytest.raises(Exception, match="last_every_n_iterations >= 1"):
+        train(compose_cfg(tmp_path / "bad", [*TINY_RUN, "callbacks.checkpoint.last_every_n_iterations=0"]))
 
 
 def test_non_finite_loss_skips_the_step_and_is_counted():

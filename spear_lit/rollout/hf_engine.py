@@ -92,15 +92,30 @@ class HFEngine:
         # Inference mode (no autograd bookkeeping at all: ~5 % of a tiny policy's decode step) unless the
         # parameters are sharded: FSDP2/ZeRO-3 gather them into buffers that the training forward reuses.
         with torch.inference_mode(not is_sharded(self.model)):
-            for s in range(0, len(prompts), self.max_batch_size):
-                out += self._generate_chunk(
-                    prompts[s : s + self.max_batch_size],
-                    max_new_tokens[s : s + self.max_batch_size],
-                    temperature,
-                    top_p,
-                    greedy,
-                )
+            starts = range(0, len(prompts), self.max_batch_size)
+            for c in range(self._chunks_everywhere(len(starts))):
+                if c < len(starts):
+                    s = starts[c]
+                    out += self._generate_chunk(
+                        prompts[s : s + self.max_batch_size],
+                        max_new_tokens[s : s + self.max_batch_size],
+                        temperature,
+                        top_p,
+                        greedy,
+                    )
+                else:  # another sharded rank has more chunks: join its forwards, drawing nothing (budget 0)
+                    self._generate_chunk(
+                        prompts[:1] or [[self.tokenizer.pad_token_id] * 2], [0], 1.0, 1.0, True
+                    )
         return out
+
+    def _chunks_everywhere(self, n: int) -> int:
+        """The most chunks any rank decodes: a synced rank runs that many (every forward is a collective)."""
+        if not self._synced():
+            return n
+        most = torch.tensor([n], device=next(self.model.parameters()).device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return int(most.item())
 
     def next_token_logits(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The logits ``[B, V]`` the ``step``-th new token is drawn from (as the model gives them). A subclass may
