@@ -106,3 +106,23 @@ class ShardedReplay:
     def load_state_dict(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
         self.rows, self.next_key = dict(state["rows"]), int(state["next_key"])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Load a buffer written by another number of ranks (``states``: every old rank's view). The entries
+        (identical in every view) keep their order, decisions and numbers; their rows are re-keyed ``0..n-1``
+        in that order and dealt round-robin to this world's ranks. Every decision and every replay step
+        depend on the entries and the draw order only, never on which rank holds a row."""
+        rank, ws = world()
+        payload = {(r, k): row for r, s in enumerate(states) for k, row in s["rows"].items()}
+        shared, n, self.rows = states[0]["buffer"], 0, {}
+        entries = []
+        for e in shared["entries"]:
+            items = []
+            for r, k in e["items"]:
+                if n % ws == rank:
+                    self.rows[n] = payload[(r, k)]
+                items.append((n % ws, n))
+                n += 1
+            entries.append(dict(e, items=items))
+        self.buffer.load_state_dict(dict(shared, entries=entries))
+        self.next_key = n

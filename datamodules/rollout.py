@@ -533,17 +533,30 @@ class RolloutDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         rank, ws = world()
-        if len(state["ranks"]) != ws:
-            raise ValueError(
-                f"checkpoint was written by {len(state['ranks'])} ranks; resuming on {ws} is not supported "
-                "(the replay rows and pending mini-batches are held per rank)"
-            )
         self.iteration = state["iteration"]
         self.tool_failures = state.get("tool_failures", 0)
+        if len(state["ranks"]) != ws:
+            self._load_resharded(state["ranks"])
+            return
         mine = state["ranks"][rank]
         self.queue = mine["queue"]
         if self.replay is not None and mine["replay"] is not None:
             self.replay.load_state_dict(mine["replay"])
+
+    def _load_resharded(self, ranks: list[dict]) -> None:
+        """Resume on another number of ranks: possible at an iteration boundary, where nothing rank-local is
+        left but the replay rows (re-dealt over this world's ranks, :meth:`ShardedReplay.load_resharded`)."""
+        queued = [m for r in ranks for m in r["queue"] if not m.done]
+        if queued:
+            raise ValueError(
+                f"this checkpoint was written by {len(ranks)} ranks in the middle of RL iteration "
+                f"{self.iteration} ({len(queued)} optimizer steps still queued, held per rank): it resumes only "
+                f"on {len(ranks)} ranks. A checkpoint written after an iteration (last.ckpt with "
+                "callbacks.checkpoint.last_every_n_iterations=1, iter_*.ckpt) resumes on any number of ranks."
+            )
+        self.queue = list(ranks[0]["queue"])  # applied steps whose record the callbacks still read: the same
+        if self.replay is not None and ranks[0]["replay"] is not None:
+            self.replay.load_resharded([r["replay"] for r in ranks])
 
 
 class _Steps(IterableDataset):
