@@ -546,13 +546,14 @@ class RolloutDataModule(L.LightningDataModule):
     def _load_resharded(self, ranks: list[dict]) -> None:
         """Resume on another number of ranks: possible at an iteration boundary, where nothing rank-local is
         left but the replay rows (re-dealt over this world's ranks, :meth:`ShardedReplay.load_resharded`)."""
-        queued = [m for r in ranks for m in r["queue"] if not m.done]
+        queued = [m for m in ranks[0]["queue"] if not m.done]  # every rank runs the same steps
         if queued:
             raise ValueError(
                 f"this checkpoint was written by {len(ranks)} ranks in the middle of RL iteration "
                 f"{self.iteration} ({len(queued)} optimizer steps still queued, held per rank): it resumes only "
-                f"on {len(ranks)} ranks. A checkpoint written after an iteration (last.ckpt with "
-                "callbacks.checkpoint.last_every_n_iterations=1, iter_*.ckpt) resumes on any number of ranks."
+                f"on {len(ranks)} ranks. One written at the end of an iteration resumes on any number: "
+                "iter_*.ckpt (callbacks.checkpoint.every_n_iterations), or last.ckpt unless a preemption or an "
+                "interrupt wrote it."
             )
         self.queue = list(ranks[0]["queue"])  # applied steps whose record the callbacks still read: the same
         if self.replay is not None and ranks[0]["replay"] is not None:
