@@ -9,6 +9,7 @@ but neither is an ``OnExceptionCheckpoint``: with one of those configured Lightn
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -42,17 +43,24 @@ class IterationCheckpoint(Checkpoint):
             A large model writes its whole sharded state and optimizer each time (a 32B policy with AdamW
             in bf16: ~200 GB), so a cluster run may want the refresh less often than its iterations.
         dirpath: folder; ``None`` = ``<default_root_dir>/checkpoints``.
+        keep_last_n: keep only the newest ``n`` numbered checkpoints, deleting older ones after each new one
+            is written (0 = keep all).
     """
 
     def __init__(
-        self, every_n_iterations: int = 0, dirpath: str | None = None, last_every_n_iterations: int = 1
+        self,
+        every_n_iterations: int = 0,
+        dirpath: str | None = None,
+        last_every_n_iterations: int = 1,
+        keep_last_n: int = 0,
     ):
-        if every_n_iterations < 0 or last_every_n_iterations < 1:
+        if every_n_iterations < 0 or last_every_n_iterations < 1 or keep_last_n < 0:
             raise ValueError(
-                f"callbacks.checkpoint: every_n_iterations must be >= 0 and last_every_n_iterations >= 1, "
-                f"got {every_n_iterations} and {last_every_n_iterations}"
+                "callbacks.checkpoint: every_n_iterations and keep_last_n must be >= 0 and "
+                f"last_every_n_iterations >= 1, got {every_n_iterations}, {keep_last_n} and {last_every_n_iterations}"
             )
         self.every, self.dirpath, self.last_every = every_n_iterations, dirpath, last_every_n_iterations
+        self.keep = keep_last_n
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = finished_iteration(pl_module)
@@ -61,7 +69,10 @@ class IterationCheckpoint(Checkpoint):
         folder = _folder(self.dirpath, trainer)
         t = record["iteration"]
         if self.every and t % self.every == 0:
-            save_checkpoint(trainer, folder / f"iter_{t:05d}.ckpt")
+            save_checkpoint(trainer, folder / f"iter_{t:05d}.ckpt")  # collective: returns when all wrote
+            if self.keep and trainer.is_global_zero:
+                for old in sorted(folder.glob("iter_*.ckpt"))[: -self.keep]:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()  # a distributed one is a folder
         final = t >= getattr(trainer.datamodule, "iterations", float("inf"))
         if t % self.last_every == 0 or final:
             save_checkpoint(trainer, folder / "last.ckpt")

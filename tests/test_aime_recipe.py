@@ -233,6 +233,9 @@ def toy_overrides(inputs: dict, run_dir, engine: str) -> list[str]:
         "spear.buffer_size=2",
         "data.val_group_size=4",
         "tool.num_workers=1",
+        # checkpoints (the recipe's distributed ones, folders): a numbered one every iteration, 2 kept
+        "callbacks.checkpoint.every_n_iterations=1",
+        "callbacks.checkpoint.keep_last_n=2",
     ]
 
 
@@ -278,3 +281,6 @@ def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
     assert not any(k.startswith("val/aime/accuracy_") for k in rows[-1])
     assert "val/aime/accuracy" in proc.stdout  # the run summary compares it with the initial policy
     assert (run_dir / "policy_hf" / "config.json").exists()
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == ["iter_00002.ckpt", "iter_00003.ckpt", "last.ckpt"], kept  # iter_00001 deleted
+    assert all((run_dir / "checkpoints" / k / "meta.pt").is_file() for k in kept)

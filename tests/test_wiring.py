@@ -134,7 +134,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert full["trainer"].global_step == resumed["trainer"].global_step
 
 
-def test_last_ckpt_is_refreshed_at_its_cadence_and_after_the_last_iteration(tmp_path, monkeypatch):
+def test_checkpoints_follow_their_cadence_and_only_the_newest_numbered_ones_are_kept(tmp_path, monkeypatch):
     import callbacks.checkpoint as cb
     from spear_lit.training.checkpoints import read_checkpoint
 
@@ -145,11 +145,12 @@ def test_last_ckpt_is_refreshed_at_its_cadence_and_after_the_last_iteration(tmp_
         saved.append((read_checkpoint(path)["spear_lit"]["iteration"], path.name))
 
     monkeypatch.setattr(cb, "save_checkpoint", recording)
-    cadence = ["callbacks.checkpoint.every_n_iterations=3", "callbacks.checkpoint.last_every_n_iterations=2"]
-    train(compose_cfg(tmp_path, [*TINY_RUN, "iterations=5", *cadence]))
-    assert saved == [(2, "last.ckpt"), (3, "iter_00003.ckpt"), (4, "last.ckpt"), (5, "last.ckpt")]
+    cadence = ["every_n_iterations=2", "last_every_n_iterations=3", "keep_last_n=1"]
+    train(compose_cfg(tmp_path, [*TINY_RUN, "iterations=5", *(f"callbacks.checkpoint.{c}" for c in cadence)]))
+    assert saved == [(2, "iter_00002.ckpt"), (3, "last.ckpt"), (4, "iter_00004.ckpt"), (5, "last.ckpt")]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_00004.ckpt", "last.ckpt"]
 
-    with pytest.raises(Exception, match="last_every_n_iterations >= 1"):
+    with pytest.raises(Exception, match="keep_last_n must be >= 0 and last_every_n_iterations >= 1"):
         train(compose_cfg(tmp_path / "bad", [*TINY_RUN, "callbacks.checkpoint.last_every_n_iterations=0"]))
 
 
