@@ -116,7 +116,7 @@ def test_a_checkpoint_written_by_two_ranks_resumes_on_one_and_on_four(tmp_path):
         q[-1].done = False  # as if preempted before that step
     torch.save(state, tmp_path / "mid.ckpt")
     proc = _run(
-        1, tmp_path / "mid", [*every2, f"ckpt_path={tmp_path / 'mid.ckpt'}"], tmp_path / "rows", False
+        1, tmp_path / "mid", [*every2, f"ckpt_path={tmp_path / 'mid.ckpt'}"], tmp_path / "rows", check=False
     )
     assert proc.returncode != 0 and "it resumes only on 2 ranks" in proc.stdout + proc.stderr
 
