@@ -53,10 +53,10 @@ train: setup
 	$(BIN)/python train.py $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15 $(ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not gpu"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15 -m "not gpu"
 
 bench: setup
 	$(BIN)/python bench/iteration_time.py $(ARGS)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -270,7 +269,6 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_webshop_tiny_spear_trains_end_to_end(tmp_path):
-    start = time.monotonic()
     cfg, _ = _compose("webshop_tiny_spear", tmp_path, TINY)
     _, objs = train(cfg)
     rows = _metrics(tmp_path)
@@ -282,7 +280,6 @@ def test_webshop_tiny_spear_trains_end_to_end(tmp_path):
     assert all(float(r["rollout/reward_mean"]) == pytest.approx(0.0) for r in rows)
     assert "val/webshop/accuracy" in rows[0] and "val/webshop/accuracy_sampled" in rows[0]
     assert objs["trainer"].global_step >= 2
-    assert time.monotonic() - start < 40
 
 
 def test_alfworld_tiny_spear_generates_its_games_once_and_trains(tmp_path):

@@ -256,7 +256,8 @@ def test_a_hanging_step_times_out_and_training_goes_on(faulty_env):
     pid = env.worker_pid
     start = time.monotonic()
     r = env.step("look")
-    assert time.monotonic() - start < 10
+    # the step hangs 600 s and times out after 2 s: 300 s is far from both, so load alone cannot cross it
+    assert time.monotonic() - start < 300
     assert r.done and not r.won and r.reward == 0 and "time-out" in r.info["error"]
     assert not alive(pid) and env.worker_pid is None
     r = env.reset(1)  # a fresh worker

@@ -69,9 +69,10 @@ def test_bm25_exact_title_in_top_results(shop):
     assert all(shop.product(a).query == "running shoes" for a in hits) and len(hits) == 30
     assert shop.product(hits[0]).title.startswith("Korvo")
     assert shop.search("zzz qqq") == () and shop.search("") == ()
-    t = time.perf_counter()
+    t = time.process_time()
     shop.search("shoes " * 100_000)  # never hangs: the query is cut to 64 tokens
-    assert time.perf_counter() - t < 2.0
+    # CPU seconds of this process, which load elsewhere does not inflate: ~0.04 cut, ~4 uncut (measured)
+    assert time.process_time() - t < 1.0
 
 
 def test_pages_and_paging():

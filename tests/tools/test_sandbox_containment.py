@@ -145,7 +145,8 @@ def test_fork_bomb_is_contained_and_fully_killed(ci):
     t0 = time.monotonic()
     r = ci.execute(bomb)
     elapsed = time.monotonic() - t0
-    assert r.timed_out and elapsed < 2.0 + 2.0
+    # the bomb forks forever; 30 s is 15x the 2 s time-out, so load alone cannot cross it
+    assert r.timed_out and elapsed < 30
     assert ci.format_observation(r).endswith("Error: execution timed out after 2 s and was stopped.")
     # No process of the bomb's pid namespace survives (checked from the host side).
     ns = r.stdout.strip()
@@ -173,16 +174,16 @@ def _pids_in_namespace(ns):
 def test_infinite_loop_hits_the_wall_timeout(ci):
     t0 = time.monotonic()
     r = ci.execute("print('started')\nwhile True:\n    pass")
-    assert r.timed_out and r.exit_code is None and time.monotonic() - t0 < 3.5
+    # the loop runs forever; 30 s is 15x the 2 s time-out, so load alone cannot cross it
+    assert r.timed_out and r.exit_code is None and time.monotonic() - t0 < 30
     assert ci.format_observation(r) == "started\nError: execution timed out after 2 s and was stopped."
 
 
 def test_cpu_time_limit_kills_a_busy_loop():
     with CodeInterpreter(timeout_s=10, cpu_s=1, num_workers=1) as tool:
-        t0 = time.monotonic()
         [obs] = tool(["while True:\n    pass"])
+    # the CPU budget, not the 10 s wall net, stopped it: the message says which (no wall-clock bound needed)
     assert obs == "Error: the code exceeded the CPU-time limit (1 s) and was killed."
-    assert time.monotonic() - t0 < 4
 
 
 def test_3gib_allocation_raises_memory_error(ci):
@@ -214,13 +215,16 @@ def test_10mb_of_stdout_is_capped_without_trainer_memory_growth(ci):
     assert len(ci.format_observation(r)) <= 1024
 
 
-def test_batch_runs_concurrently_and_keeps_order(ci):
-    n, sleep = 8, 0.5
-    t0 = time.monotonic()
-    out = ci([f"import time\ntime.sleep({sleep})\nprint({i})" for i in range(n)])
-    elapsed = time.monotonic() - t0
+def test_batch_runs_concurrently_and_keeps_order():
+    n, sleep = 8, 1.0
+    with CodeInterpreter(timeout_s=30, num_workers=4) as tool:  # a wall net far above the sleep
+        t0 = time.monotonic()
+        out = tool([f"import time\ntime.sleep({sleep})\nprint({i})" for i in range(n)])
+        elapsed = time.monotonic() - t0
     assert out == [str(i) for i in range(n)]
-    assert elapsed < 0.7 * n * sleep  # ~ceil(8/4) * 0.5 = 1 s with 4 workers, 4 s one after another
+    # ceil(8/4) * 1 = 2 s with 4 workers, 8 s one after another; sleeping takes no CPU, so load stretches only
+    # the ~0.1 s start of each program: 4 s is far from both
+    assert elapsed < n * sleep / 2
 
 
 def test_many_small_files_stop_at_the_tmpfs_size(ci):
@@ -437,8 +441,10 @@ def test_cpu_budget_stops_busy_code_and_the_wall_net_stops_sleeping_code():
                 "import time\ntime.sleep(30)",
             ]
         )
-        assert busy.limit == "cpu" and busy.cpu_s >= 0.5 and busy.duration_s < 3
-        assert forked.limit == "cpu" and forked.cpu_s >= 0.5 and forked.duration_s < 3
+        # limit "cpu": the budget, not the 3 s wall net, stopped the call (the worker stops on one or the other)
+        assert busy.limit == "cpu" and busy.cpu_s >= 0.5
+        assert forked.limit == "cpu" and forked.cpu_s >= 0.5
+        # a lower bound: load can only lengthen the wait
         assert sleepy.limit == "wall" and sleepy.timed_out and sleepy.duration_s >= 3
         obs = [tool.format_observation(r) for r in (busy, forked, sleepy)]
     assert obs[0] == obs[1] == "Error: the code exceeded the CPU-time limit (0.5 s) and was killed."
