@@ -39,7 +39,8 @@ from datamodules.replay import ShardedReplay
 from datamodules.scoring import ScoredRows, check_filters, score_rows
 from spear_lit.algos import low_variance_group_mask
 from spear_lit.batch import MiniBatch, Normalizers, Sample, TokenBatch
-from spear_lit.training.dist import all_gather_objects, all_reduce, world
+from spear_lit.training.dist import all_gather_objects, all_reduce, gather_objects, world
+from spear_lit.training.precision import default_dtype
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,9 @@ class RolloutDataModule(L.LightningDataModule):
                 if self.iteration >= self.iterations:
                     return
                 replay_state = self.replay.state_dict() if self.replay is not None else None
-                try:
-                    self.queue = self.build_iteration(self.iteration + 1)
+                try:  # fp32 whatever the default dtype (HalfPrecision sets bf16 around training_step)
+                    with default_dtype(torch.float32):
+                        self.queue = self.build_iteration(self.iteration + 1)
                 except BaseException:  # e.g. Ctrl-C mid-iteration: leave the buffer as it was
                     if replay_state is not None:
                         self.replay.load_state_dict(replay_state)
@@ -318,12 +320,24 @@ class RolloutDataModule(L.LightningDataModule):
         sums = [float(v.float().sum()) for v in (*ep.values(), *flags.values())]
         gen_tokens = float(sum(sum(s.response_mask) for s in samples))
         calls, errors = float(agent_stats.get("calls", 0)), float(agent_stats.get("errors", 0))
-        local = [*sums, calls, errors, len(first), float(rows.lengths.sum()), len(samples), gen_tokens]
+        capped = [float(agent_stats.get(k, 0)) for k in ("prompts_dropped", "context_truncated")]
+        local = [
+            *sums,
+            calls,
+            errors,
+            len(first),
+            float(rows.lengths.sum()),
+            len(samples),
+            gen_tokens,
+            *capped,
+        ]
         total = all_reduce(local, "sum").tolist()
-        calls, errors, n_ep, len_sum, n_rows, tokens = total[-6:]
+        calls, errors, n_ep, len_sum, n_rows, tokens = total[-8:-2]
+        # episodes never sent (prompt over data.agent.max_prompt_len) / cut at the engine's max_model_len
+        out_capped = dict(zip(("rollout/prompts_dropped", "rollout/context_truncated"), total[-2:]))
         out = {k: v / max(n_ep, 1) for k, v in zip(ep, total)}
         out.update(zip(flags, total[len(ep) : len(ep) + len(flags)]))
-        out["rollout/response_len_mean"] = len_sum / max(n_rows, 1)
+        out.update(out_capped, **{"rollout/response_len_mean": len_sum / max(n_rows, 1)})
         out["sched/tool_reward_weight"] = self.tool_reward_weight
         if "calls" in agent_stats:
             out["tool/calls"], out["tool/error_rate"] = calls, errors / calls if calls else 0.0
@@ -517,9 +531,10 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        """Iteration counter, pending mini-batches and every rank's replay rows (gathered: Lightning writes
-        only rank 0's data-module state, so rank-local state must travel inside it). A completed step is
-        not pending; the last step of an iteration stays until its record has been consumed."""
+        """Iteration counter, pending mini-batches and every rank's replay rows (gathered to rank 0, the one
+        whose data-module state Lightning writes: rank-local state must travel inside it; the other ranks'
+        ``ranks`` is ``None``). A completed step is not pending; the last step of an iteration stays until
+        its record has been consumed. A collective: every rank calls it (Lightning does, on every save)."""
         self._keep_step_old_logp()
         mine = {
             "queue": [m for m in self.queue if m.pending],
@@ -528,7 +543,7 @@ class RolloutDataModule(L.LightningDataModule):
         return {
             "iteration": self.iteration,
             "tool_failures": self.tool_failures,
-            "ranks": all_gather_objects(mine),
+            "ranks": gather_objects(mine),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -30,6 +30,7 @@ class Episode:
     finished: bool = False
     last_turn_text: str = ""  # decoded text of the final assistant turn
     active: bool = True
+    truncated: bool = False  # stopped because prompt + response reached the engine's context length
 
     def append(self, ids: list[int], generated: bool) -> None:
         """Append tokens to the response (mask 1 if the policy generated them)."""
@@ -124,8 +125,8 @@ class TokenBatch:
         T = max(T, 1)
         ids = torch.full((n, P + T), pad_id, dtype=torch.long)
         am = torch.zeros((n, P + T), dtype=torch.long)
-        rm = torch.zeros((n, T))
-        old = torch.zeros((n, T))
+        rm = torch.zeros((n, T), dtype=torch.float32)  # explicit: a bf16 default dtype must not round these
+        old = torch.zeros((n, T), dtype=torch.float32)
         for i, r in enumerate(rows):
             p, t = len(r["prompt_ids"]), len(r["response_ids"])
             ids[i, P - p : P] = torch.as_tensor(r["prompt_ids"])
@@ -134,7 +135,11 @@ class TokenBatch:
             rm[i, :t] = torch.as_tensor(r["response_mask"], dtype=torch.float)
             if "old_logp" in r:
                 old[i, :t] = torch.as_tensor(r["old_logp"], dtype=torch.float)
-        adv = advantages if advantages is not None else torch.tensor([r.get("advantage", 0.0) for r in rows])
+        adv = (
+            advantages
+            if advantages is not None
+            else torch.tensor([r.get("advantage", 0.0) for r in rows], dtype=torch.float32)
+        )
         return TokenBatch(
             input_ids=ids,
             attention_mask=am,

@@ -25,7 +25,11 @@ from a list of keys:
    one-element list: returned as a fix for the caller to apply.
 5. **World sizes** (``trainer.devices × trainer.num_nodes``, when known before launch): the prompts of an
    iteration split evenly over ranks (a group never spans ranks), a vLLM tensor-parallel replica fits the
-   ranks, FSDP2's ``data_parallel_size × tensor_parallel_size`` is the world size.
+   ranks and has a seed (unseeded TP ranks would sample different tokens and hang), FSDP2's
+   ``data_parallel_size × tensor_parallel_size`` is the world size.
+6. **Precision**: the optimizer keeps fp32 weights and state (``model.dtype`` and ``trainer.precision`` not
+   half precision) unless ``learner.allow_half_precision_weights`` opts in
+   (:mod:`spear_lit.training.precision`).
 
 Errors name the key the user typed: a value reached through an interpolation (``data.iterations:
 ${iterations}``) is reported at its source (``iterations``).
@@ -82,6 +86,7 @@ def check_config(config: dict, raw: dict, primary: dict) -> dict[str, list]:
     """
     _check_primary(config, primary)
     _check_world(config)
+    _check_precision(config)
     fixes: dict[str, list] = {}
     for path, node in _target_nodes(config, ""):  # imports the targets: last, so the rest fails fast
         _check_target(path, node, raw, fixes)
@@ -314,11 +319,35 @@ def _check_world(config: dict) -> None:
             f"rollout.tensor_parallel_size={tp} must divide {size}: a vLLM replica spans "
             f"tensor_parallel_size consecutive trainer ranks"
         )
+    _check_tp_seed(rollout)
     dp, stp = strategy.get("data_parallel_size"), strategy.get("tensor_parallel_size")
     if isinstance(dp, int) and isinstance(stp, int) and dp * stp != ws:
         raise ConfigError(
             f"trainer.strategy.data_parallel_size={dp} x trainer.strategy.tensor_parallel_size={stp} "
             f"must equal {size} (e.g. trainer.strategy.data_parallel_size={ws // stp or 1})"
+        )
+
+
+def _check_tp_seed(rollout: dict) -> None:
+    tp = rollout.get("tensor_parallel_size")
+    if isinstance(tp, int) and tp > 1 and "seed" in rollout and rollout["seed"] is None:
+        raise ConfigError(
+            f"rollout.seed=null with rollout.tensor_parallel_size={tp}: the ranks of a vLLM replica must "
+            "sample with the same per-request seeds, else their schedulers diverge and NCCL hangs; set "
+            "rollout.seed (it defaults to ${seed})"
+        )
+
+
+def _check_precision(config: dict) -> None:
+    from spear_lit.training.precision import half_precision_weights
+
+    learner, model = (n if isinstance(n, dict) else {} for n in (config.get("learner"), config.get("model")))
+    why = half_precision_weights(model.get("dtype"), (config.get("trainer") or {}).get("precision"))
+    if why and learner and not learner.get("allow_half_precision_weights", False):
+        raise ConfigError(
+            f"{why}, so AdamW would keep its weights and state in half precision (an lr-1e-6 step is below "
+            "half a bf16 ULP): use model.dtype=float32 trainer.precision=bf16-mixed (fp32 master weights, "
+            "bf16 compute) or opt in with learner.allow_half_precision_weights=true"
         )
 
 

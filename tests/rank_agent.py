@@ -131,3 +131,26 @@ class RowLog(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rows{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+class DtypeLog(L.Callback):
+    """Writes ``dtypes<rank>.json``: the dtypes of every optimizer step's ``old_logp``, ``advantages`` and
+    ``response_mask`` and of the replay buffer's stored rows, as seen inside the training step (where
+    Lightning's ``HalfPrecision`` makes bf16 the default dtype)."""
+
+    def __init__(self, out_dir: str):
+        self.out, self.seen = Path(out_dir), set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        mb = pl_module.current_minibatch
+        for micro in mb.micro_batches if mb is not None else []:
+            self.seen |= {
+                f"{k}:{getattr(micro, k).dtype}" for k in ("old_logp", "advantages", "response_mask")
+            }
+        replay = trainer.datamodule.replay
+        for row in replay.rows.values() if replay is not None else []:
+            self.seen |= {f"replay.{k}:{row[k].dtype}" for k in ("old_logp", "response_mask")}
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"dtypes{trainer.global_rank}.json").write_text(json.dumps(sorted(self.seen)))

@@ -1,10 +1,11 @@
 """The paper's AIME recipe (``+experiment=aime_32b``) end to end at toy scale, and avg@k validation.
 
 The end-to-end test runs the unmodified experiment file through ``train.py`` on 4 CPU processes (FSDP2),
-overriding only where it runs (CPU, fp32, the rollout engine), sizes, paths (the shipped tiny policy;
+overriding only where it runs (CPU, the rollout engine), sizes, paths (the shipped tiny policy;
 DAPO-Math-17k and AIME 2024/2025 files written here in their published layouts) and the tiny policy's
-prompt format. The rollout engine is vLLM's CPU build when ``vllm`` is importable, else Hugging Face
-``generate``; the test id says which.
+prompt format. Not its numerics: bf16 compute over fp32 master weights (FSDP2's MixedPrecisionPolicy over
+gloo, vLLM-CPU sampling in bf16). The rollout engine is vLLM's CPU build when ``vllm`` is importable, else
+Hugging Face ``generate``; the test id says which.
 """
 
 from __future__ import annotations
@@ -205,10 +206,9 @@ def toy_overrides(inputs: dict, run_dir, engine: str) -> list[str]:
     """Everything the toy-scale run changes in ``+experiment=aime_32b`` (the file itself is not edited)."""
     val = ",".join(str(p) for p in inputs["val"])
     return [
-        # where it runs: 4 CPU processes, FSDP2 over all of them, fp32; the rollout engine
+        # where it runs: 4 CPU processes, FSDP2 over all of them; the rollout engine. Not the numerics: the
+        # recipe's own fp32 master weights with bf16 compute (FSDP2 MixedPrecisionPolicy over gloo)
         "trainer.accelerator=cpu",
-        "trainer.precision=32-true",
-        "model.dtype=float32",
         "trainer.num_nodes=1",
         "trainer.devices=4",
         "trainer.strategy.data_parallel_size=4",
@@ -259,6 +259,8 @@ def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
             str(REPO / "train.py"),
             "+experiment=aime_32b",
             *toy_overrides(inputs, run_dir, engine),
+            "+callbacks.dtypes._target_=rank_agent.DtypeLog",  # observes: what the algorithm stores
+            f"+callbacks.dtypes.out_dir={run_dir}",
         ],
         cwd=REPO,
         env=env,
@@ -269,6 +271,12 @@ def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
+    # the recipe's numerics: fp32 master weights move at lr 1e-6 (tests/test_precision.py compares the size
+    # with fp32); old log-probs, advantages, masks and the replay buffer's rows stay fp32 under bf16 compute
+    assert all(float(r["policy/update_ratio"]) > 0 for r in rows), [r["policy/update_ratio"] for r in rows]
+    dtypes = {d for k in range(4) for d in json.loads((run_dir / f"dtypes{k}.json").read_text())}
+    assert dtypes and all(d.endswith(":torch.float32") for d in dtypes), dtypes
+    assert "replay.old_logp:torch.float32" in dtypes
     steps = [int(r["optimizer_steps"]) for r in rows]
     assert steps[0] > 0 and all(b > a for a, b in zip(steps, steps[1:])), steps  # every iteration updates
     # the group filter keeps floor(0.75 * 4) = 3 of the iteration's 4 groups, over all ranks (a per-rank

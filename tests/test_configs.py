@@ -206,7 +206,8 @@ def _check_paper_settings(option, cfg, learner, data, callbacks):
         and cfg.trainer.strategy.data_parallel_size == 128
     )
     eng = data.engine
-    assert type(eng).__name__ == "VLLMEngine" and eng.tp == 4 and eng.gpu_memory_utilization == 0.9
+    # the paper's 0.9 assumed offloaded trainer state; conf/rollout/vllm_aime.yaml says why 0.85 here
+    assert type(eng).__name__ == "VLLMEngine" and eng.tp == 4 and eng.gpu_memory_utilization == 0.85
     assert (data.B, data.n, data.mini_batch_rows, data.agent.max_turns, data.L) == (
         128,
         16,

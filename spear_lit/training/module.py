@@ -8,7 +8,6 @@ several micro-batches whose loss normalizers are global (SPEAR_SPEC §3.5).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import zlib
@@ -19,10 +18,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from spear_lit.algos import entropy_from_logits, logprobs_from_logits
-from spear_lit.batch import MiniBatch, TokenBatch, distinct_prompts, position_ids
-from spear_lit.policy import full_attention_only, is_sharded
+from spear_lit.batch import MiniBatch, TokenBatch, position_ids
+from spear_lit.training import logprobs, precision
 from spear_lit.training.dist import all_reduce
+from spear_lit.training.sharded_load import build_policy
 from spear_lit.training.terms import TermInput
 
 
@@ -49,10 +48,12 @@ class PolicyModule(L.LightningModule):
         grad_clip: float = 1.0,
         reference: bool = False,
         share_prompts: bool = True,
+        allow_half_precision_weights: bool = False,
     ):
         super().__init__()
         self.policy_source, self.optimizer_factory = policy, optimizer
         self.share_prompts = share_prompts
+        self.allow_half_precision_weights = allow_half_precision_weights
         self.temperature, self.grad_clip, self.reference = temperature, grad_clip, reference
         self.model = None
         self.ref_model = None
@@ -63,24 +64,25 @@ class PolicyModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.policy_source.model().train()  # from_pretrained returns eval mode
-        if self.no_dropout:
-            _disable_dropout(self.model)
-        if self.reference:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if _is_model_parallel(self):
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for m in (self.model, self.ref_model):
-                if m is None:
-                    continue
-                for layer in m.model.layers:
-                    fully_shard(layer, mesh=mesh)
-                fully_shard(m, mesh=mesh)
+        flag = self._trainer.precision if self._trainer is not None else None
+        # FSDP2: read on rank 0 only, broadcast into every rank's shards; bf16-mixed: fp32 sharded parameters
+        # (AdamW's), bf16 all-gathered ones, fp32 reduce-scatter (spear_lit/training/sharded_load.py)
+        self.model, self.ref_model = build_policy(
+            self.policy_source,
+            self.device_mesh["data_parallel"] if _is_model_parallel(self) else None,
+            reference=self.reference,
+            mp_policy=precision.fsdp_mp_policy(flag),
+        )
+        self.model.train()  # from_pretrained returns eval mode; the reference stays in it
+        for m in filter(None, (self.model, self.ref_model)):
+            m.compute_dtype = precision.compute_dtype(flag, m.dtype)  # read by the rollout engines
+            if self.no_dropout:
+                _disable_dropout(m)
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.model.parameters())
+        params = list(self.model.parameters())
+        precision.check_optimizer_params(params, self.allow_half_precision_weights)
+        return self.optimizer_factory(params)
 
     def forward_logits(self, b: TokenBatch, model=None, keep: int = 0) -> torch.Tensor:
         """Logits ``[n, P+T, V]`` of every position of ``b`` (``model``: the policy unless given); with ``keep``
@@ -96,65 +98,36 @@ class PolicyModule(L.LightningModule):
         ).logits
 
     def response_logits(self, b: TokenBatch, model=None) -> torch.Tensor:
-        """Logits ``[n, T, V]`` of positions ``P-1 .. P+T-2``, the ones that predict the ``T`` response tokens.
-
-        With ``share_prompts``, rows whose prompts are identical (a GRPO group: G samples of one prompt) share
-        one forward of that prompt: its keys/values are computed once per distinct prompt, indexed out to the
-        rows, and the responses run on top of them. Same logits and gradients (the prompt's hidden states get
-        the sum of its rows' gradients through the index); the prompt's compute is paid once per group
-        instead of once per row. Off under gradient checkpointing (no KV cache there), for models with other
-        than full-attention layers, and for sharded models (FSDP2, ZeRO-3): there every forward is a
-        collective, and ranks would disagree on how many to run."""
+        """Full-vocabulary logits ``[n, T, V]`` of positions ``P-1 .. P+T-2``, the ones that predict the ``T``
+        response tokens, over shared prompts where they apply (:func:`logprobs.response_hidden`). For probes
+        and tests: :meth:`token_stats` never builds them."""
         model = model or self.model
-        P, T = b.prompt_width, b.input_ids.shape[1] - b.prompt_width
-        if (
-            self.share_prompts
-            and T > 0
-            and P > 0
-            and not getattr(model, "is_gradient_checkpointing", False)
-            and full_attention_only(model)
-            and not is_sharded(model)
-        ):
-            first, inv = distinct_prompts(b.input_ids[:, :P], b.attention_mask[:, :P])
-            if len(first) < len(b):
-                return self._shared_prompt_logits(b, model, first, inv)
-        # the LM head runs on the last T+1 positions only
-        return self.forward_logits(b, model, keep=T + 1)[:, :-1]
+        return model.get_output_embeddings()(logprobs.response_hidden(model, b, self.share_prompts))
 
-    def _shared_prompt_logits(
-        self, b: TokenBatch, model, first: torch.Tensor, inv: torch.Tensor
-    ) -> torch.Tensor:
-        P = b.prompt_width
-        ids, mask = b.input_ids, b.attention_mask
-        pos = position_ids(mask)
-        head = model(
-            input_ids=ids[first, :P],
-            attention_mask=mask[first, :P],
-            position_ids=pos[first, :P],
-            use_cache=True,
-            logits_to_keep=1,
+    def token_stats(
+        self,
+        b: TokenBatch,
+        model=None,
+        entropy: bool = True,
+        *,
+        entropy_grad: bool | None = None,
+        chunk_size: int = logprobs.CHUNK_SIZE,
+    ):
+        """Per-token ``logp [n, T]`` and entropy ``[n, T]`` (or None) of the response tokens of ``b`` (0 on
+        padding), the LM head run on ``chunk_size`` positions at a time (:mod:`spear_lit.training.logprobs`).
+        The entropy has a gradient only with ``entropy_grad``; None: if a loss term ``needs_entropy_grad``."""
+        if entropy_grad is None:
+            terms = getattr(self, "terms", {})  # PolicyLearner's; SFT has none
+            entropy_grad = any(getattr(t, "needs_entropy_grad", False) for t in terms.values())
+        return logprobs.response_token_stats(
+            model or self.model,
+            b,
+            temperature=self.temperature,
+            share_prompts=self.share_prompts,
+            entropy=entropy,
+            entropy_grad=entropy_grad,
+            chunk_size=chunk_size,
         )
-        cache = head.past_key_values
-        for layer in cache.layers:  # each row gets its prompt's keys/values (a differentiable gather)
-            layer.keys, layer.values = layer.keys[inv], layer.values[inv]
-        logits = head.logits[inv]
-        if ids.shape[1] - P > 1:  # the last response token predicts nothing we need
-            tail = model(
-                input_ids=ids[:, P:-1],
-                attention_mask=mask[:, :-1],
-                position_ids=pos[:, P:-1],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
-            logits = torch.cat([logits, tail], 1)
-        return logits
-
-    def token_stats(self, b: TokenBatch, model=None, entropy: bool = True):
-        """Per-token ``logp [n, T]`` and entropy ``[n, T]`` of the response tokens of ``b``."""
-        logits = self.response_logits(b, model).float() / self.temperature
-        logp = logprobs_from_logits(logits, b.input_ids[:, b.prompt_width :])
-        ent = entropy_from_logits(logits) if entropy else None
-        return logp, ent
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hf_config"] = self.model.config.to_dict()
@@ -172,6 +145,7 @@ class PolicyLearner(PolicyModule):
         grad_clip: global gradient-norm clip; a non-finite norm skips the step (SPEAR_SPEC §3.5).
         seed: seeds the per-step generator of Clip-Cov's random token choice.
         share_prompts: one forward per distinct prompt of a micro-batch (:meth:`response_logits`).
+        allow_half_precision_weights: see :class:`PolicyModule`.
     """
 
     def __init__(
@@ -184,6 +158,7 @@ class PolicyLearner(PolicyModule):
         grad_clip: float = 1.0,
         seed: int = 0,
         share_prompts: bool = True,
+        allow_half_precision_weights: bool = False,
     ):
         if not loss_terms:
             raise ValueError("loss.terms is empty: give at least a policy term (e.g. loss=spear)")
@@ -195,6 +170,7 @@ class PolicyLearner(PolicyModule):
             grad_clip=grad_clip,
             reference=reference,
             share_prompts=share_prompts,
+            allow_half_precision_weights=allow_half_precision_weights,
         )
         self.no_dropout = (
             True  # samples and old log-probs come without dropout: so must the update's log-probs
@@ -290,9 +266,14 @@ class PolicyLearner(PolicyModule):
         elif math.isfinite(grad_norm) and all(
             math.isfinite(v) for k, v in sums.items() if k.startswith("loss")
         ):
-            opt.step()
-            if deepspeed:
+            if deepspeed:  # ZeRO keeps its own fp32 partitions: not measured
+                opt.step()
                 grad_norm = float(self.trainer.model.get_global_grad_norm() or 0.0)
+            else:
+                ratio = precision.UpdateRatio(self.model.parameters())
+                with ratio.measure():
+                    opt.step()
+                sums["policy/update_ratio"] = ratio.value
         else:
             self.skipped_steps += 1
             sums["train/skipped_nonfinite"] = 1.0

@@ -22,6 +22,7 @@ class SFTLearner(PolicyModule):
             (0: responses only). A small weight (``train_on_inputs`` in other trainers) gives a randomly
             initialised tiny policy far more signal to learn to copy from its context (ids, object names)
             than the few response tokens of a step do; the loss is the weighted mean over both.
+        allow_half_precision_weights: see :class:`~spear_lit.training.module.PolicyModule`.
     """
 
     def __init__(
@@ -34,15 +35,18 @@ class SFTLearner(PolicyModule):
         min_lr_ratio: float = 0.1,
         grad_clip: float = 1.0,
         prompt_loss_weight: float = 0.0,
+        allow_half_precision_weights: bool = False,
     ):
-        super().__init__(policy, optimizer, grad_clip=grad_clip)
+        super().__init__(
+            policy, optimizer, grad_clip=grad_clip, allow_half_precision_weights=allow_half_precision_weights
+        )
         if not 0.0 <= prompt_loss_weight:
             raise ValueError(f"prompt_loss_weight={prompt_loss_weight}: must be >= 0")
         self.prompt_loss_weight = prompt_loss_weight
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.model.parameters())
+        opt = super().configure_optimizers()  # refuses half-precision weights unless allowed
 
         def lr(step: int) -> float:
             if step < self.warmup_steps:

@@ -67,6 +67,8 @@ class PolicyTerm:
 class EntropyTerm:
     """Entropy bonus ``-β_H · agg(H)`` (SPEAR_SPEC §3.4); ``coef`` 0.001 for ALFWorld/WebShop."""
 
+    needs_entropy_grad = True  # the learner gives the entropy a gradient only for terms that declare this
+
     def __init__(self, coef: float, aggregation: Callable):
         self.coef, self.aggregation = coef, aggregation
 
