@@ -148,7 +148,7 @@ def fake_vllm(monkeypatch):
 
 def test_bind_builds_one_engine_and_sync_streams_every_weight(fake_vllm, tiny_dir):
     model, tok = _tiny(tiny_dir)
-    eng = VLLMEngine(seed=7)
+    eng = VLLMEngine(seed=7, dtype="bfloat16")
     eng.bind(model, tok)
     llm = eng.llm
     eng.bind(model, tok)  # the data module binds before every rollout
@@ -169,6 +169,19 @@ def test_bind_builds_one_engine_and_sync_streams_every_weight(fake_vllm, tiny_di
         model.lm_head.weight.add_(1.0)
     eng.sync_weights()
     assert torch.equal(llm.model.loaded["lm_head.weight"], model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_rollout_dtype_null_follows_the_trainers_compute_dtype(fake_vllm, tiny_dir):
+    model, tok = _tiny(tiny_dir)
+    eng = VLLMEngine()  # rollout.dtype=null: the fp32 policy computes in fp32
+    eng.bind(model, tok)
+    assert eng.llm.kwargs["dtype"] == "float32"
+    model.compute_dtype = torch.bfloat16  # what the learner sets under trainer.precision=bf16-mixed
+    eng = VLLMEngine()
+    eng.bind(model, tok)
+    assert eng.llm.kwargs["dtype"] == "bfloat16"
+    eng.sync_weights()  # fp32 master weights reach vLLM cast to bf16
+    assert all(t.dtype == torch.bfloat16 for t in eng.llm.model.loaded.values())
 
 
 def test_generate_samples_the_full_distribution_and_trims_at_eos_and_budget(fake_vllm, tiny_dir):
