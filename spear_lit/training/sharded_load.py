@@ -20,7 +20,7 @@ in fp32). Now (:func:`build_policy` with a mesh and more than one rank):
 Tied embeddings stay tied: ``lm_head.weight`` and ``embed_tokens.weight`` are one parameter in the meta
 model as in the loaded one, FSDP2 shards it once, and the load copies into the existing shard instead of
 assigning new tensors. Rank 0 peaks at one full model plus its shard; the others at their shard plus the
-largest single tensor. ``bench/startup_memory.py`` measures it.
+largest single tensor.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def build_policy(
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` for every ``fully_shard`` (None: compute in the
             parameters' dtype).
         every_rank_reads: the old FSDP2 start-up (every rank reads the whole checkpoint, then shards it),
-            for ``bench/startup_memory.py``'s *before*. Also what a meta ``source`` (nothing to read) and a
+            for a before/after measurement. Also what a meta ``source`` (nothing to read) and a
             single rank get.
     """
     if mesh is None or every_rank_reads or source.meta or world()[1] == 1:
