@@ -50,6 +50,8 @@ SPEC_METRICS = [
     "baseline/p50",
     "perf/rollout_tokens_per_s",
     "perf/train_tokens_per_s",
+    "perf/train_tokens",
+    "perf/padding_frac",
     "perf/iteration_s",
 ]
 # the per-phase breakdown of perf/iteration_s (seconds of rank 0, rollout: of the slowest rank)
@@ -121,8 +123,12 @@ class IterationReport(L.Callback):
         row.update(train)
         row.update(record["metrics"])  # rollout, filter, buffer metrics are already global (data module)
         train_s = float(all_reduce([row.pop("perf/train_s", 0.0)], "max")[0])
-        tokens = float(all_reduce([row.pop("perf/train_tokens", 0.0)], "sum")[0])
-        row["perf/train_tokens_per_s"] = tokens / train_s if train_s else float("nan")
+        through, tokens = all_reduce(
+            [row.pop("perf/train_tokens", 0.0), row.pop("perf/train_real_tokens", 0.0)], "sum"
+        ).tolist()
+        row["perf/train_tokens"] = through  # through the model, padding included, over all ranks
+        row["perf/padding_frac"] = 1.0 - tokens / through if through else float("nan")
+        row["perf/train_tokens_per_s"] = tokens / train_s if train_s else float("nan")  # the rows' own
         row["perf/validation_s"] = rollout_data(trainer).pop_validation_s()
         row["sched/sil_coef"] = pl_module.sil_coef
         row["perf/iteration_s"] = now - self._last

@@ -35,6 +35,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules import micro_batches
 from datamodules.replay import ShardedReplay
 from datamodules.scoring import ScoredRows, check_filters, score_rows
 from spear_lit.algos import low_variance_group_mask
@@ -60,6 +61,9 @@ class RolloutDataModule(L.LightningDataModule):
         group_size: ``n`` rollouts per prompt.
         mini_batch_rows: rows per optimizer step over all ranks (one step per mini-batch).
         micro_batch_rows: rows per forward/backward on one rank (memory only; the gradient is the same).
+        micro_batch_tokens: instead of ``micro_batch_rows`` (None keeps it): each forward/backward takes
+            consecutive rows up to this many tokens (prompt + response; a longer row goes alone), run
+            concatenated without padding (:mod:`spear_lit.training.packing`). Memory only, as above.
         ppo_epochs: passes over the on-policy data per iteration.
         max_response_len: ``L``, response tokens per row (also the ``seq_mean_token_sum_norm`` length).
         temperature, top_p: training sampling parameters.
@@ -92,6 +96,7 @@ class RolloutDataModule(L.LightningDataModule):
         group_size: int = 8,
         mini_batch_rows: int = 64,
         micro_batch_rows: int = 16,
+        micro_batch_tokens: int | None = None,
         ppo_epochs: int = 1,
         max_response_len: int = 512,
         temperature: float = 1.0,
@@ -118,6 +123,11 @@ class RolloutDataModule(L.LightningDataModule):
         ).items():
             if int(v) < 1:
                 raise ValueError(f"data.{name}={v}: must be a positive integer")
+        if micro_batch_tokens is not None and int(micro_batch_tokens) < 1:
+            raise ValueError(
+                f"data.micro_batch_tokens={micro_batch_tokens}: must be a positive integer, or null "
+                "(fixed data.micro_batch_rows)"
+            )
         if not 0 < group_keep_ratio <= 1:
             raise ValueError(f"data.group_keep_ratio={group_keep_ratio}: must be in (0, 1]")
         self.agent, self.engine = agent, engine
@@ -128,6 +138,7 @@ class RolloutDataModule(L.LightningDataModule):
             micro_batch_rows,
             ppo_epochs,
         )
+        self.micro_batch_tokens = micro_batch_tokens
         self.L = max_response_len
         self.temperature, self.top_p = temperature, top_p
         self.filters = check_filters(filters or {}, max_response_len)
@@ -159,6 +170,7 @@ class RolloutDataModule(L.LightningDataModule):
     def connect(self, learner) -> None:
         """Bind the learner (its model exists only after ``configure_model``; the engine binds lazily)."""
         self.learner = learner
+        learner.pack_rows = self.micro_batch_tokens is not None  # token budgets run rows packed
         self.tokenizer = learner.policy_source.tokenizer()
         reply = getattr(self.agent, "min_reply", None)
         if reply is not None:  # an L that cannot hold one useful reply trains on reward -1 only
@@ -453,9 +465,10 @@ class RolloutDataModule(L.LightningDataModule):
         ]
 
     def _micro_split(self, chunk: TokenBatch) -> list[TokenBatch]:
-        """Split into micro-batches; every rank returns the same count (padding with empty ones)."""
-        parts = _agreed_chunks(chunk, self.micro_batch_rows, at_least=1)
-        return [p if len(p) else _dummy(self.tokenizer.pad_token_id) for p in parts]
+        """Split into micro-batches (:func:`datamodules.micro_batches.split`): as many on every rank."""
+        return micro_batches.split(
+            chunk, self.micro_batch_rows, self.micro_batch_tokens, self.tokenizer.pad_token_id
+        )
 
     def _minibatch(self, micro: list[TokenBatch], kind: str, t: int) -> MiniBatch:
         tokens = sum(float(m.response_mask.sum()) for m in micro)
@@ -598,22 +611,6 @@ def _group_stats(traj_rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[l
         means.append(float(r.mean()))
         stds.append(float(r.std()) if len(r) > 1 else 0.0)
     return means, stds
-
-
-def _agreed_chunks(batch: TokenBatch, size: int, *, at_least: int) -> list[TokenBatch]:
-    """Consecutive chunks of ``size`` rows, as many on every rank as the rank that needs the most
-    (at least ``at_least``): the surplus chunks are empty."""
-    count = int(all_reduce([max(at_least, math.ceil(len(batch) / size))], "max")[0])
-    return [batch.select(list(range(i * size, min(len(batch), (i + 1) * size)))) for i in range(count)]
-
-
-def _dummy(pad_id: int) -> TokenBatch:
-    """A one-row, fully masked micro-batch: keeps forward/backward counts equal across ranks."""
-    b = TokenBatch.from_rows(
-        [{"prompt_ids": [pad_id], "response_ids": [pad_id], "response_mask": [0]}], pad_id
-    )
-    b.dummy = True
-    return b
 
 
 def _seed(*parts) -> int:

@@ -320,6 +320,18 @@ def _check_world(config: dict) -> None:
             f"tensor_parallel_size consecutive trainer ranks"
         )
     _check_tp_seed(rollout)
+    sp = strategy.get("sequence_parallel_size", 1)
+    if isinstance(sp, int) and sp > 1:
+        if ws % sp:
+            raise ConfigError(
+                f"trainer.strategy.sequence_parallel_size={sp} must divide {size}: a sequence-parallel "
+                "group is sp consecutive ranks"
+            )
+        if data.get("micro_batch_tokens") is None:
+            raise ConfigError(
+                f"trainer.strategy.sequence_parallel_size={sp} splits packed rows across ranks: set "
+                "data.micro_batch_tokens (e.g. data.micro_batch_tokens=16384)"
+            )
     dp, stp = strategy.get("data_parallel_size"), strategy.get("tensor_parallel_size")
     if isinstance(dp, int) and isinstance(stp, int) and dp * stp != ws:
         raise ConfigError(

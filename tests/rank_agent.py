@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from spear_lit.batch import Sample
 from spear_lit.rollout.protocol import shard_range
@@ -154,3 +155,33 @@ class DtypeLog(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"dtypes{trainer.global_rank}.json").write_text(json.dumps(sorted(self.seen)))
+
+
+class OffloadLog(L.Callback):
+    """Writes ``offload<rank>.json`` at the end of training: the offload policy of every ``fully_shard``
+    group of the policy, and the devices of its parameter shards and of AdamW's state."""
+
+    def __init__(self, out_dir: str):
+        self.out = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        groups = [
+            m._get_fsdp_state()._fsdp_param_group
+            for m in pl_module.model.modules()
+            if hasattr(m, "_get_fsdp_state")
+        ]
+        opt = trainer.optimizers[0]
+        record = {
+            "policies": sorted({type(g.offload_policy).__name__ for g in groups if g is not None}),
+            "param_devices": sorted({str(p.to_local().device) for p in pl_module.model.parameters()}),
+            "state_devices": sorted(
+                {
+                    str(v.device)
+                    for s in opt.state.values()
+                    for v in s.values()
+                    if torch.is_tensor(v) and v.dim()
+                }
+            ),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"offload{trainer.global_rank}.json").write_text(json.dumps(record))

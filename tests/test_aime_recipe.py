@@ -228,7 +228,7 @@ def toy_overrides(inputs: dict, run_dir, engine: str) -> list[str]:
         "data.prompts_per_iteration=4",
         "data.group_size=8",
         "data.mini_batch_rows=16",
-        "data.micro_batch_rows=4",
+        "data.micro_batch_tokens=600",  # the recipe's token budget (18432), scaled: 2-4 packed rows each
         "max_response_len=160",
         "spear.buffer_size=2",
         "data.val_group_size=4",
@@ -274,6 +274,7 @@ def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
     # the recipe's numerics: fp32 master weights move at lr 1e-6 (tests/test_precision.py compares the size
     # with fp32); old log-probs, advantages, masks and the replay buffer's rows stay fp32 under bf16 compute
     assert all(float(r["policy/update_ratio"]) > 0 for r in rows), [r["policy/update_ratio"] for r in rows]
+    assert all(float(r["perf/padding_frac"]) == 0.0 for r in rows)  # token budgets: rows packed, no padding
     dtypes = {d for k in range(4) for d in json.loads((run_dir / f"dtypes{k}.json").read_text())}
     assert dtypes and all(d.endswith(":torch.float32") for d in dtypes), dtypes
     assert "replay.old_logp:torch.float32" in dtypes

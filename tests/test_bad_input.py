@@ -105,6 +105,16 @@ CASES = [
         ["rollout=vllm_cpu", "rollout.tensor_parallel_size=2"],
         ["rollout.tensor_parallel_size=2", "must divide the world size 1"],
     ),
+    (
+        "sequence-parallel-unpacked",
+        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.sequence_parallel_size=2"],
+        ["trainer.strategy.sequence_parallel_size=2 splits packed rows", "set data.micro_batch_tokens"],
+    ),
+    (
+        "token-budget",
+        ["data.micro_batch_tokens=0"],
+        ["config error: data.micro_batch_tokens=0", "positive integer, or null"],
+    ),
     ("constructor", ["model.dtype=int3"], ["config error: model.dtype='int3'", "float32, bfloat16, float16"]),
     ("missing", ["model=hf"], ["model.path", "not set"]),
 ]

@@ -7,6 +7,9 @@ that compute the same attention faster on small-head models (the tiny policies; 
 * **Decode steps (one query token) as two batched matmuls.** The flash kernel is built for query blocks;
   for a single query token per row, ``softmax(q kᵀ / √d + mask) v`` over ``[B·Hkv]`` groups of ``H / Hkv``
   query heads is cheaper, and it reads the KV cache in place (a preallocated buffer's view).
+* **Packed rows** (:func:`varlen_causal`): given flash-attention's ``cu_seq_lens_q`` and no mask, one
+  causal SDPA per row of the packed sequence, none across rows (``data.micro_batch_tokens``).
+* **Sequence parallelism** (:func:`ulysses`): all-to-alls around :func:`varlen_causal`.
 * **Decode steps over a shared prompt** (:func:`cascade_decode`): when the HF engine keeps a group's
   prompt once in the cache (the forward gets it as the :data:`SHARED_PREFIX` keyword), the block's
   queries meet the prompt's keys/values in one product instead of every row reading its own copy.
@@ -25,6 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "spear_sdpa"
+SEQUENCE_PARALLEL = (
+    "spear_sequence_parallel"  # forward kwarg: (group, size, cu_seqlens of the whole sequence)
+)
 SHARED_PREFIX = "spear_shared_prefix"  # forward kwarg: a cache whose layers share prompt prefixes per block
 
 
@@ -48,6 +54,9 @@ def spear_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """``query [B, H, q, d]``, ``key``/``value [B, Hkv, k, d]``, mask ``[B, 1, q, k]`` bool or additive (or
     None): returns ``[B, q, H, d]`` as transformers' attention functions do."""
+    sp = kwargs.get(SEQUENCE_PARALLEL)
+    if sp is not None:
+        return ulysses(query, key, value, sp, d_scale(query, scaling)), None
     shared = kwargs.get(SHARED_PREFIX)
     if shared is not None and query.shape[2] == 1:
         return cascade_decode(shared.layers[module.layer_idx], query, attention_mask, scaling), None
@@ -71,6 +80,9 @@ def spear_sdpa_forward(
     b, h, q_len, d = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
     scale = d**-0.5 if scaling is None else scaling
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and attention_mask is None and b == 1 and q_len == k_len:
+        return varlen_causal(query, key, value, cu, scale), None
     if q_len == 1:
         g = h // hkv  # query heads of one KV head are consecutive (repeat_kv's order)
         scores = torch.bmm(query.reshape(b * hkv, g, d), key.reshape(b * hkv, k_len, d).transpose(1, 2))
@@ -92,6 +104,38 @@ def spear_sdpa_forward(
         enable_gqa=hkv != h,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def d_scale(query: torch.Tensor, scaling: float | None) -> float:
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
+
+
+def ulysses(query, key, value, sp, scale: float) -> torch.Tensor:
+    """Sequence-parallel attention (:mod:`spear_lit.training.sequence_parallel`): this rank holds ``1/s`` of a
+    packed sequence's tokens (``query [1, H, S/s, d]``); an all-to-all gives it all tokens of ``1/s`` of the
+    heads, the packed rows attend causally within themselves (:func:`varlen_causal`, ``cu_seqlens`` of the
+    whole sequence), and a second all-to-all returns this rank's tokens with every head: ``[1, S/s, H, d]``."""
+    from spear_lit.training.sequence_parallel import heads_to_seq, seq_to_heads
+
+    group, s, cu_seqlens = sp
+    q, k, v = (seq_to_heads(t, s, group) for t in (query, key, value))
+    out = varlen_causal(q, k, v, cu_seqlens, scale)  # [1, S, H/s, d]
+    return heads_to_seq(out.transpose(1, 2), s, group).transpose(1, 2).contiguous()
+
+
+def varlen_causal(query, key, value, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Packed rows (:mod:`spear_lit.training.packing`): ``query [1, H, S, d]``, ``key``/``value
+    [1, Hkv, S, d]`` hold several rows back to back, row ``i`` at ``cu_seqlens[i]:cu_seqlens[i+1]``; each row
+    attends causally to itself only, by one SDPA per row (no ``[S, S]`` mask). Returns ``[1, S, H, d]``."""
+    bounds = cu_seqlens.tolist()
+    gqa = key.shape[1] != query.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:z], key[:, :, a:z], value[:, :, a:z], scale=scale, is_causal=True, enable_gqa=gqa
+        )
+        for a, z in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
 def cascade_decode(layer, query: torch.Tensor, attention_mask, scaling: float | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from spear_lit.algos import entropy_from_logits, logprobs_from_logits
 from spear_lit.batch import TokenBatch, distinct_prompts, position_ids
 from spear_lit.policy import full_attention_only, is_sharded
+from spear_lit.training import packing
 
 CHUNK_SIZE = 1024  # positions per chunk: 1024 × 152k fp32 logits = 0.6 GiB
 
@@ -42,22 +43,28 @@ def response_token_stats(
     entropy: bool = True,
     entropy_grad: bool = False,
     chunk_size: int = CHUNK_SIZE,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``logp [n, T]`` of the response tokens of ``b`` under ``model`` and their entropy ``[n, T]`` (or None),
     both of ``logits / temperature``; 0 at padding positions (right of each response), which cost nothing.
-    fp32 for half-precision models, the model's dtype otherwise. See :func:`token_logprobs`."""
+    fp32 for half-precision models, the model's dtype otherwise. See :func:`token_logprobs`. With
+    ``packed``, the forward runs on the rows concatenated without padding (:mod:`.packing`; prompts are
+    then not shared)."""
     P = b.prompt_width
-    hidden = response_hidden(model, b, share_prompts)  # [n, T, H]
+    valid = b.attention_mask[:, P:].bool()  # [n, T]
+    if packed:
+        hidden = packing.packed_hidden(model, b)  # [R, H]: the valid positions only
+    else:
+        hidden = response_hidden(model, b, share_prompts)[valid]  # [n, T, H] -> [R, H]
     head = model.get_output_embeddings()
     if type(getattr(head, "weight", None)).__name__ == "DTensor":
         raise RuntimeError(
             "the LM head is sharded after the policy's forward: keep the FSDP2 root's parameters unsharded "
             "after forward (fully_shard(model) with reshard_after_forward left at its default)"
         )
-    valid = b.attention_mask[:, P:].bool()  # [n, T]
     logp, ent = token_logprobs(
         head,
-        hidden[valid],
+        hidden,
         b.input_ids[:, P:][valid],
         temperature=temperature,
         softcap=getattr(model.config.get_text_config(), "final_logit_softcapping", None),

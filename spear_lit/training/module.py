@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from spear_lit.batch import MiniBatch, TokenBatch, position_ids
-from spear_lit.training import logprobs, precision
+from spear_lit.training import logprobs, offload, precision, sequence_parallel, strategies
 from spear_lit.training.dist import all_reduce
 from spear_lit.training.sharded_load import build_policy
 from spear_lit.training.terms import TermInput
@@ -53,6 +53,8 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         self.policy_source, self.optimizer_factory = policy, optimizer
         self.share_prompts = share_prompts
+        self.pack_rows = False  # set by the data module with data.micro_batch_tokens (training/packing.py)
+        self.sp = None  # this rank's sequence-parallel group (training/sequence_parallel.py), if any
         self.allow_half_precision_weights = allow_half_precision_weights
         self.temperature, self.grad_clip, self.reference = temperature, grad_clip, reference
         self.model = None
@@ -69,15 +71,17 @@ class PolicyModule(L.LightningModule):
         # (AdamW's), bf16 all-gathered ones, fp32 reduce-scatter (spear_lit/training/sharded_load.py)
         self.model, self.ref_model = build_policy(
             self.policy_source,
-            self.device_mesh["data_parallel"] if _is_model_parallel(self) else None,
+            self.device_mesh["data_parallel"] if strategies.is_model_parallel(self) else None,
             reference=self.reference,
             mp_policy=precision.fsdp_mp_policy(flag),
+            offload_policy=offload.offload_policy(self._trainer.strategy if self._trainer else None),
         )
         self.model.train()  # from_pretrained returns eval mode; the reference stays in it
         for m in filter(None, (self.model, self.ref_model)):
             m.compute_dtype = precision.compute_dtype(flag, m.dtype)  # read by the rollout engines
             if self.no_dropout:
                 _disable_dropout(m)
+        self.sp = sequence_parallel.group_of(self._trainer.strategy if self._trainer else None, self.model)
 
     def configure_optimizers(self):
         params = list(self.model.parameters())
@@ -119,6 +123,16 @@ class PolicyModule(L.LightningModule):
         if entropy_grad is None:
             terms = getattr(self, "terms", {})  # PolicyLearner's; SFT has none
             entropy_grad = any(getattr(t, "needs_entropy_grad", False) for t in terms.values())
+        if self.sp is not None:  # b is the same micro-batch on every rank of the group
+            return sequence_parallel.response_token_stats(
+                model or self.model,
+                b,
+                self.sp,
+                temperature=self.temperature,
+                entropy=entropy,
+                entropy_grad=entropy_grad,
+                chunk_size=chunk_size,
+            )
         return logprobs.response_token_stats(
             model or self.model,
             b,
@@ -127,6 +141,7 @@ class PolicyModule(L.LightningModule):
             entropy=entropy,
             entropy_grad=entropy_grad,
             chunk_size=chunk_size,
+            packed=self.pack_rows,
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -181,7 +196,8 @@ class PolicyLearner(PolicyModule):
         self.skipped_steps = 0
         self.iteration_metrics: dict[str, list[float]] = defaultdict(list)
         self._perf = {
-            "perf/train_tokens": 0.0,
+            "perf/train_tokens": 0.0,  # through the model, padding included
+            "perf/train_real_tokens": 0.0,  # the rows' own tokens (the report turns both into padding_frac)
             "perf/train_s": 0.0,
             "perf/update_s": 0.0,
             "perf/replay_update_s": 0.0,
@@ -207,8 +223,10 @@ class PolicyLearner(PolicyModule):
         self.model.eval()
         try:
             for b in micro_batches:
-                c = b.cropped().to(self.device)
-                logp, ent = self.token_stats(c, entropy=entropy is not None)
+                for c, own, _ in sequence_parallel.members(b.cropped(), self.sp, self.device):
+                    stats = self.token_stats(c, entropy=entropy is not None)
+                    if own:  # (a sequence-parallel group runs each member's rows in turn)
+                        logp, ent = stats
                 full = torch.zeros_like(b.old_logp)
                 full[:, : logp.shape[1]] = logp.cpu()
                 out.append(full)
@@ -231,15 +249,19 @@ class PolicyLearner(PolicyModule):
         opt = self.optimizers()
         additive: dict[str, float] = defaultdict(float)  # loss/* and train/loss: partial sums over ranks
         weighted: dict[str, float] = defaultdict(float)  # token means: Σ value·tokens of each micro-batch
-        tokens = 0.0
+        tokens, through = 0.0, 0
         scale = self._loss_scale() * (self.sil_coef if mb.is_replay else 1.0)
-        deepspeed = _is_deepspeed(self)
+        deepspeed = strategies.is_deepspeed(self)
         for k, micro in enumerate(mb.micro_batches):
-            micro = micro.cropped().to(self.device)
+            micro = micro.cropped()
+            through += int(micro.attention_mask.sum()) if self.pack_rows else micro.attention_mask.numel()
             if deepspeed:
-                _deepspeed_micro_step(self.trainer.model, last=k == len(mb.micro_batches) - 1)
-            loss, metrics = self._micro_loss(micro, mb, k)
-            self.manual_backward(loss * scale)
+                strategies.deepspeed_micro_step(self.trainer.model, last=k == len(mb.micro_batches) - 1)
+            for member, own, weight in sequence_parallel.members(micro, self.sp, self.device):  # SP: in turn
+                loss, member_metrics = self._micro_loss(member, mb, k, own=own)
+                self.manual_backward(loss * (scale * weight))
+                if own:
+                    metrics = member_metrics
             w = float(micro.response_mask.sum())
             tokens += w
             for name, v in metrics.items():
@@ -279,7 +301,8 @@ class PolicyLearner(PolicyModule):
             sums["train/skipped_nonfinite"] = 1.0
         opt.zero_grad(set_to_none=True)
         sums["policy/grad_norm"] = grad_norm
-        self._perf["perf/train_tokens"] += sum(float(m.attention_mask.sum()) for m in mb.micro_batches)
+        self._perf["perf/train_tokens"] += through
+        self._perf["perf/train_real_tokens"] += sum(float(m.attention_mask.sum()) for m in mb.micro_batches)
         elapsed = time.perf_counter() - start
         self._perf["perf/train_s"] += elapsed
         self._perf["perf/replay_update_s" if mb.is_replay else "perf/update_s"] += elapsed
@@ -291,7 +314,9 @@ class PolicyLearner(PolicyModule):
         if self.current_minibatch is not None:
             self.current_minibatch.record_done = True
 
-    def _micro_loss(self, micro: TokenBatch, mb: MiniBatch, k: int) -> tuple[torch.Tensor, dict]:
+    def _micro_loss(
+        self, micro: TokenBatch, mb: MiniBatch, k: int, own: bool = True
+    ) -> tuple[torch.Tensor, dict]:
         logp, ent = self.token_stats(micro)
         ref = None
         if self.ref_model is not None:
@@ -301,6 +326,7 @@ class PolicyLearner(PolicyModule):
         old_logp = micro.old_logp
         if mb.old_logp_in_step:  # the step's own weights sampled these rows: this forward is the old policy
             old_logp = logp.detach()
+        if mb.old_logp_in_step and own:  # (another member's rows of a sequence-parallel group: not ours)
             kept = mb.micro_batches[k].old_logp  # kept with the rows: later PPO epochs, the replay buffer
             kept[:, : logp.shape[1]] = old_logp.to(kept.device)
         x = TermInput(
@@ -329,7 +355,7 @@ class PolicyLearner(PolicyModule):
     def _loss_scale(self) -> float:
         # Losses use global normalizers, so the right gradient is the SUM over ranks. FSDP2 and DeepSpeed
         # average over the data-parallel group: undo it. Under DDP we all-reduce with SUM ourselves.
-        if (_is_model_parallel(self) or _is_deepspeed(self)) and dist.is_initialized():
+        if (strategies.is_model_parallel(self) or strategies.is_deepspeed(self)) and dist.is_initialized():
             return float(dist.get_world_size())
         return 1.0
 
@@ -381,7 +407,7 @@ class PolicyLearner(PolicyModule):
         self.iteration_metrics = defaultdict(
             list, {k: list(v) for k, v in state.get("iteration_metrics", {}).items()}
         )
-        self._perf = dict(state.get("perf", self._perf))
+        self._perf = {**self._perf, **state.get("perf", {})}
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -408,37 +434,6 @@ def _global_step_metrics(
     out = dict(zip(a, total[: len(a)]))
     out.update({k: v / max(total[-1], 1.0) for k, v in zip(w, total[len(a) : -1])})
     return out, total[-1]
-
-
-def _is_deepspeed(module: L.LightningModule) -> bool:
-    try:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return isinstance(module.trainer.strategy, DeepSpeedStrategy)
-    except RuntimeError:  # not attached to a trainer
-        return False
-
-
-def _deepspeed_micro_step(engine, last: bool) -> None:
-    """Before each micro-batch's forward, what ``DeepSpeedEngine.forward`` would do if the micro-batch went
-    through it (Lightning calls it once per ``training_step``, around all micro-batches): start a new
-    micro-step (ZeRO-3 counts micro-steps there and would otherwise *overwrite* the partitioned gradient
-    with each backward, keeping only the last micro-batch's), and mark only the last backward as the
-    gradient-accumulation boundary (every backward is one unless told otherwise)."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    if isinstance(engine.optimizer, ZeROOptimizer):  # as DeepSpeedEngine.forward tests it
-        engine.optimizer.clear_backward_seen_flag()
-    engine.set_gradient_accumulation_boundary(last)
-
-
-def _is_model_parallel(module: L.LightningModule) -> bool:
-    try:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return isinstance(module.trainer.strategy, ModelParallelStrategy)
-    except RuntimeError:  # not attached to a trainer
-        return False
 
 
 def _seed(*parts: int) -> int:

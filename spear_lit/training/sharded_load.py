@@ -39,7 +39,13 @@ log = logging.getLogger(__name__)
 
 
 def build_policy(
-    source, mesh=None, *, reference: bool = False, mp_policy=None, every_rank_reads: bool = False
+    source,
+    mesh=None,
+    *,
+    reference: bool = False,
+    mp_policy=None,
+    offload_policy=None,
+    every_rank_reads: bool = False,
 ):
     """``(model, ref)``: the policy of ``source`` and, with ``reference``, a frozen copy of it (eval mode,
     ``requires_grad`` off); ``ref`` is None without ``reference``.
@@ -53,6 +59,8 @@ def build_policy(
             deep copy, as before.
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` for every ``fully_shard`` (None: compute in the
             parameters' dtype).
+        offload_policy: FSDP2's ``CPUOffloadPolicy`` (:mod:`spear_lit.training.offload`) or None: the
+            shards are then allocated, and stay, in host memory.
         every_rank_reads: the old FSDP2 start-up (every rank reads the whole checkpoint, then shards it),
             for a before/after measurement. Also what a meta ``source`` (nothing to read) and a
             single rank get.
@@ -62,7 +70,7 @@ def build_policy(
         ref = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
         for m in (model, ref) if mesh is not None else ():
             if m is not None:
-                shard(m, mesh, mp_policy)
+                shard(m, mesh, mp_policy, offload_policy)
         return model, ref
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # 1 s import
 
@@ -70,8 +78,8 @@ def build_policy(
     rank, ranks = world()
     model = source.model() if rank == 0 else source.meta_model()
     full = model.state_dict() if rank == 0 else {}  # rank 0's full tensors outlive the sharding below
-    shard(model, mesh, mp_policy)
-    device = _device(mesh)
+    shard(model, mesh, mp_policy, offload_policy)
+    device = torch.device("cpu") if offload_policy is not None else _device(mesh)
     if rank != 0:
         model.to_empty(device=device)  # this rank's shards only, uninitialised until the broadcast
     set_model_state_dict(
@@ -82,7 +90,7 @@ def build_policy(
     ref = None
     if reference:
         ref = source.meta_model().eval().requires_grad_(False)
-        shard(ref, mesh, mp_policy)
+        shard(ref, mesh, mp_policy, offload_policy)
         ref.to_empty(device=device)
         copy_local_shards(model, ref)
     for m in (model, ref):
@@ -96,9 +104,11 @@ def build_policy(
     return model, ref
 
 
-def shard(model: torch.nn.Module, mesh, mp_policy=None) -> None:
+def shard(model: torch.nn.Module, mesh, mp_policy=None, offload_policy=None) -> None:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head), on ``mesh``."""
     mp = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if offload_policy is not None:
+        mp["offload_policy"] = offload_policy
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, **mp)
     fully_shard(model, mesh=mesh, **mp)
