@@ -37,12 +37,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
     from callbacks.checkpoint import ConfigRecord
     from callbacks.contracts import check_algorithm_callbacks
+    from spear_lit import plan as memory_plan
     from spear_lit.training import checkpoints as ckpts
     from spear_lit.training.console import quiet
     from spear_lit.training.export import export_hf
     from spear_lit.training.host_memory import keep_freed_memory
 
     check(cfg)
+    memory_plan.check_at_start(cfg)  # GPU runs: one that cannot fit is refused before any weight is read
     quiet()
     keep_freed_memory()  # host memory: reuse freed activations instead of page-faulting them back in
     ckpts.register_checkpoint_types()

@@ -185,3 +185,18 @@ class OffloadLog(L.Callback):
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"offload{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SequenceParallelLog(L.Callback):
+    """Writes ``sp<rank>.json`` at the end of training: the ranks of this rank's sequence-parallel group
+    (``[]`` without one) and its place in it."""
+
+    def __init__(self, out_dir: str):
+        self.out = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        sp = pl_module.sp
+        ranks = torch.distributed.get_process_group_ranks(sp.group) if sp is not None else []
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = {"ranks": ranks, "rank": sp.rank if sp is not None else None}
+        (self.out / f"sp{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -212,6 +212,9 @@ def toy_overrides(inputs: dict, run_dir, engine: str) -> list[str]:
         "trainer.num_nodes=1",
         "trainer.devices=4",
         "trainer.strategy.data_parallel_size=4",
+        # the paper's sequence parallelism (8 ranks per row at 16k tokens; the recipe leaves it at 1 until it
+        # has run on GPUs), here 2: each packed micro-batch is split over 2 ranks (tiny policy: 4/2 heads)
+        "trainer.strategy.sequence_parallel_size=2",
         f"rollout={engine}",
         # paths: the shipped tiny policy, the data files, the run directory
         "model.path=builtin:tiny-math-sft",
@@ -261,6 +264,8 @@ def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
             *toy_overrides(inputs, run_dir, engine),
             "+callbacks.dtypes._target_=rank_agent.DtypeLog",  # observes: what the algorithm stores
             f"+callbacks.dtypes.out_dir={run_dir}",
+            "+callbacks.sp._target_=rank_agent.SequenceParallelLog",
+            f"+callbacks.sp.out_dir={run_dir}",
         ],
         cwd=REPO,
         env=env,
@@ -278,6 +283,8 @@ def test_aime_recipe_at_toy_scale_on_4_fsdp2_cpu_ranks(engine, tmp_path):
     dtypes = {d for k in range(4) for d in json.loads((run_dir / f"dtypes{k}.json").read_text())}
     assert dtypes and all(d.endswith(":torch.float32") for d in dtypes), dtypes
     assert "replay.old_logp:torch.float32" in dtypes
+    groups = [json.loads((run_dir / f"sp{k}.json").read_text())["ranks"] for k in range(4)]
+    assert groups == [[0, 1], [0, 1], [2, 3], [2, 3]], groups  # the micro-batches ran split over 2 ranks
     steps = [int(r["optimizer_steps"]) for r in rows]
     assert steps[0] > 0 and all(b > a for a, b in zip(steps, steps[1:])), steps  # every iteration updates
     # the group filter keeps floor(0.75 * 4) = 3 of the iteration's 4 groups, over all ranks (a per-rank

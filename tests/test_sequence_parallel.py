@@ -5,6 +5,7 @@ same rows, and the same training run (rows, decisions, metrics, parameters) as w
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 
@@ -76,5 +77,9 @@ def test_a_sequence_parallel_run_equals_the_run_without_it(tmp_path, world):
     (the data layer untouched: every rank keeps its rows; a group runs its members' micro-batches in
     turn) gives the 1-rank run's rows, decisions, metrics and parameters."""
     reference = _run(1, tmp_path / "ws1", ["data.micro_batch_tokens=40"])
-    run = _run(world, tmp_path / f"sp{world}", [*SP, "trainer.strategy.sequence_parallel_size=2"])
+    log = ["+callbacks.sp._target_=rank_agent.SequenceParallelLog", f"+callbacks.sp.out_dir={tmp_path}/log"]
+    run = _run(world, tmp_path / f"sp{world}", [*SP, "trainer.strategy.sequence_parallel_size=2", *log])
     _assert_same(world, run, reference)
+    groups = [json.loads((tmp_path / "log" / f"sp{k}.json").read_text()) for k in range(world)]
+    # consecutive ranks in groups of 2, each rank in its own group at its place in it
+    assert groups == [{"ranks": [k - k % 2, k - k % 2 + 1], "rank": k % 2} for k in range(world)], groups

@@ -35,6 +35,7 @@ SAFE_TO_CHANGE = (
     "run_dir",
     "ckpt_path",
     "export_hf",
+    "plan",
     "trainer",  # engineering: devices, precision, logger, strategy plumbing
     "callbacks.validation",
     "callbacks.report",

@@ -55,25 +55,38 @@ def response_token_stats(
     if packed:
         hidden = packing.packed_hidden(model, b)  # [R, H]: the valid positions only
     else:
-        hidden = response_hidden(model, b, share_prompts)[valid]  # [n, T, H] -> [R, H]
+        # [n, T, H] -> [R, H], by an integer index from the host mask (also what fake tensors can run: plan.py)
+        hidden = response_hidden(model, b, share_prompts).flatten(0, 1)[valid.flatten().nonzero().squeeze(1)]
+    logp, ent = head_stats(
+        model,
+        hidden,
+        b.input_ids[:, P:][valid],
+        temperature=temperature,
+        chunk_size=chunk_size,
+        entropy=entropy,
+        entropy_grad=entropy_grad,
+    )
+    return to_rows(valid, logp), None if ent is None else to_rows(valid, ent)
+
+
+def head_stats(
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, **kw
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` with ``model``'s LM head and its final logit soft-capping, if any: ``hidden [N, H]``,
+    ``labels [N]`` → ``logp [N]``, entropy ``[N]`` or None. ``kw``: :func:`token_logprobs`'s."""
     head = model.get_output_embeddings()
     if type(getattr(head, "weight", None)).__name__ == "DTensor":
         raise RuntimeError(
             "the LM head is sharded after the policy's forward: keep the FSDP2 root's parameters unsharded "
             "after forward (fully_shard(model) with reshard_after_forward left at its default)"
         )
-    logp, ent = token_logprobs(
-        head,
-        hidden,
-        b.input_ids[:, P:][valid],
-        temperature=temperature,
-        softcap=getattr(model.config.get_text_config(), "final_logit_softcapping", None),
-        chunk_size=chunk_size,
-        entropy=entropy,
-        entropy_grad=entropy_grad,
-    )
-    zeros = logp.new_zeros(valid.shape)
-    return zeros.masked_scatter(valid, logp), None if ent is None else zeros.masked_scatter(valid, ent)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return token_logprobs(head, hidden, labels, softcap=softcap, **kw)
+
+
+def to_rows(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values [R]`` (one per ``True`` of ``valid [n, T]``, row by row) in the ``[n, T]`` layout, 0 elsewhere."""
+    return values.new_zeros(valid.shape).masked_scatter(valid, values)
 
 
 def token_logprobs(

@@ -100,7 +100,7 @@ def response_token_stats(
     """:func:`spear_lit.training.logprobs.response_token_stats` of ``b`` (the same micro-batch on every rank
     of ``sp``), its packed rows split along the sequence across the group. Every rank returns the whole
     ``logp [n, T]`` (and entropy), with a gradient that reaches every rank's slice."""
-    from spear_lit.training.logprobs import head_inputs, token_logprobs  # logprobs imports packing
+    from spear_lit.training import logprobs  # logprobs imports packing: not at the top
 
     p = packing.pack(b)
     s = sp.size
@@ -111,7 +111,7 @@ def response_token_stats(
     per = ids.shape[1] // s
     lo, hi = sp.rank * per, (sp.rank + 1) * per
     labels = torch.cat([ids[0, 1:], ids.new_zeros(1)])  # position i predicts token i + 1
-    with head_inputs(model) as seen:
+    with logprobs.head_inputs(model) as seen:
         model(
             input_ids=ids[:, lo:hi],
             position_ids=positions[:, lo:hi],
@@ -120,22 +120,21 @@ def response_token_stats(
             logits_to_keep=0,
             **{attention.SEQUENCE_PARALLEL: (sp.group, s, cu)},
         )
-    cfg = model.config.get_text_config()
-    logp, ent = token_logprobs(
-        model.get_output_embeddings(),
+    logp, ent = logprobs.head_stats(
+        model,
         seen[0][0],
         labels[lo:hi],
         temperature=temperature,
-        softcap=getattr(cfg, "final_logit_softcapping", None),
         chunk_size=chunk_size,
         entropy=entropy,
         entropy_grad=entropy_grad,
     )
     valid = b.attention_mask[:, b.prompt_width :].bool()
-    zeros = logp.new_zeros(valid.shape)
-    out = [zeros.masked_scatter(valid, _gather(logp, sp)[p.predictors])]
-    out.append(None if ent is None else zeros.masked_scatter(valid, _gather(ent, sp)[p.predictors]))
-    return out[0], out[1]
+
+    def rows(t):  # this rank's slice -> all the group's, then the response positions, in the [n, T] layout
+        return logprobs.to_rows(valid, _gather(t, sp)[p.predictors])
+
+    return rows(logp), None if ent is None else rows(ent)
 
 
 def _gather(t: torch.Tensor, sp: SPGroup) -> torch.Tensor:
