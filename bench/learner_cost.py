@@ -14,19 +14,21 @@ responses of ``L/8, 2L/8, ..., L`` tokens (a group's usual spread). Three learne
 
 Each case runs in a fresh subprocess: the peak is the RSS high-water mark after the reps minus the one
 before them; time is the median over ``--reps``, per 1000 of the rows' own tokens (prompt + response,
-padding not counted). Sequence parallelism (item 3) is not implemented yet: no column. Nothing is asserted.
+padding not counted). Sequence parallelism splits a micro-batch over ranks: what it saves per rank is in the
+memory plan (``python -m spear_lit.plan``), not here. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _learner_case import full_vocab_stats, measure, median, tiny_policy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT, ROWS, VOCAB = 64, 8, 32768
@@ -36,22 +38,10 @@ MODES = {"full": "full-vocabulary, padded", "chunked": "chunked, padded", "packe
 def _case(mode: str, L: int, reps: int) -> dict:
     import torch
 
-    from spear_lit.algos import entropy_from_logits, logprobs_from_logits
-    from spear_lit.batch import TokenBatch, position_ids
-    from spear_lit.policy import PolicySource
+    from spear_lit.batch import TokenBatch
     from spear_lit.training.logprobs import response_token_stats
 
-    torch.set_num_threads(1)
-    tiny = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=PROMPT + L + 1,
-    )
-    model = PolicySource(tiny=tiny).model().train()
+    model = tiny_policy(hidden=128, layers=2, vocab=VOCAB, max_positions=PROMPT + L + 1)
     g = torch.Generator().manual_seed(0)
     rows = []
     for k in range(1, ROWS + 1):
@@ -64,37 +54,14 @@ def _case(mode: str, L: int, reps: int) -> dict:
             }
         )
     b = TokenBatch.from_rows(rows, pad_id=0)
-    mask, P = b.response_mask, b.prompt_width
-
-    def full():
-        logits = model(
-            input_ids=b.input_ids,
-            attention_mask=b.attention_mask,
-            position_ids=position_ids(b.attention_mask),
-            use_cache=False,
-            logits_to_keep=b.response_width + 1,
-        ).logits[:, :-1]
-        logits = logits.float()
-        return logprobs_from_logits(logits, b.input_ids[:, P:]), entropy_from_logits(logits)
-
-    def chunked(packed: bool):
-        return response_token_stats(model, b, share_prompts=False, packed=packed)
-
-    step = {"full": full, "chunked": lambda: chunked(False), "packed": lambda: chunked(True)}[mode]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(reps):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        logp, ent = step()
-        loss = -(logp * mask).sum() / mask.sum()
-        float((ent.detach() * mask).sum())
-        del logp, ent
-        loss.backward()
-        times.append(time.perf_counter() - start)
+    steps = {
+        "full": lambda: full_vocab_stats(model, b),
+        "chunked": lambda: response_token_stats(model, b, share_prompts=False),
+        "packed": lambda: response_token_stats(model, b, share_prompts=False, packed=True),
+    }
+    peak, times = measure(model, b, steps[mode], reps)
     tokens = int(b.attention_mask.sum())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"peak": peak, "s_per_1k": 1000 * statistics.median(times) / tokens, "tokens": tokens}
+    return {"peak": peak, "s_per_1k": 1000 * median(times) / tokens, "tokens": tokens}
 
 
 def main() -> None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _learner_case import full_vocab_stats, measure, median, tiny_policy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = 16
@@ -35,22 +36,10 @@ def _case(mode: str, T: int, V: int, reps: int, chunk_size: int) -> dict:
     """One case in this process: ``{"peak": bytes, "s_per_token": s}``."""
     import torch
 
-    from spear_lit.algos import entropy_from_logits, logprobs_from_logits
-    from spear_lit.batch import TokenBatch, position_ids
-    from spear_lit.policy import PolicySource
+    from spear_lit.batch import TokenBatch
     from spear_lit.training.logprobs import response_token_stats
 
-    torch.set_num_threads(1)
-    tiny = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=V,
-        max_position_embeddings=PROMPT + T + 1,
-    )
-    model = PolicySource(tiny=tiny).model().train()
+    model = tiny_policy(hidden=64, layers=1, vocab=V, max_positions=PROMPT + T + 1)
     g = torch.Generator().manual_seed(0)
     row = {
         "prompt_ids": torch.randint(0, V, (PROMPT,), generator=g).tolist(),
@@ -58,37 +47,13 @@ def _case(mode: str, T: int, V: int, reps: int, chunk_size: int) -> dict:
         "response_mask": [1] * T,
     }
     b = TokenBatch.from_rows([row], pad_id=0)
-    mask = b.response_mask
     temperature = 0.7
-
-    def before():
-        logits = model(
-            input_ids=b.input_ids,
-            attention_mask=b.attention_mask,
-            position_ids=position_ids(b.attention_mask),
-            use_cache=False,
-            logits_to_keep=T + 1,
-        ).logits[:, :-1]
-        logits = logits.float() / temperature
-        return logprobs_from_logits(logits, b.input_ids[:, PROMPT:]), entropy_from_logits(logits)
-
-    def after():
-        return response_token_stats(model, b, temperature=temperature, chunk_size=chunk_size)
-
-    step = before if mode == "before" else after
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(reps):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        logp, ent = step()
-        loss = -(logp * mask).sum() / mask.sum()
-        float((ent.detach() * mask).sum())  # the entropy metric; the tensor dies before the backward
-        del logp, ent
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"peak": peak, "s_per_token": statistics.median(times) / T}
+    if mode == "before":
+        step = lambda: full_vocab_stats(model, b, temperature)  # noqa: E731
+    else:
+        step = lambda: response_token_stats(model, b, temperature=temperature, chunk_size=chunk_size)  # noqa: E731
+    peak, times = measure(model, b, step, reps)
+    return {"peak": peak, "s_per_token": median(times) / T}
 
 
 def _run(mode: str, T: int, V: int, reps: int, chunk_size: int) -> dict:

@@ -43,7 +43,8 @@ def token_chunks(batch: TokenBatch, budget: int) -> list[TokenBatch]:
 def dummy(pad_id: int) -> TokenBatch:
     """A one-row, fully masked micro-batch: keeps forward/backward counts equal across ranks."""
     b = TokenBatch.from_rows(
-        [{"prompt_ids": [pad_id], "response_ids": [pad_id], "response_mask": [0]}], pad_id
+        [{"prompt_ids": [pad_id], "response_ids": [pad_id], "response_mask": [0], "sampler_logp": [0.0]}],
+        pad_id,
     )
     b.dummy = True
     return b

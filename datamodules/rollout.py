@@ -37,11 +37,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules import micro_batches
 from datamodules.replay import ShardedReplay
-from datamodules.scoring import ScoredRows, check_filters, score_rows
+from datamodules.scoring import ScoredRows, check_filters, first_rows_of_episodes, group_stats, score_rows
 from spear_lit.algos import low_variance_group_mask
 from spear_lit.batch import MiniBatch, Normalizers, Sample, TokenBatch
 from spear_lit.training.dist import all_gather_objects, all_reduce, gather_objects, world
 from spear_lit.training.precision import default_dtype
+from spear_lit.training.rollout_correction import mismatch_metrics, mismatch_sums
 
 log = logging.getLogger(__name__)
 
@@ -242,18 +243,19 @@ class RolloutDataModule(L.LightningDataModule):
         self._check_tool(t, stats)
         counts = all_gather_objects(len(batch))  # every rank's rows, in global row order
         offset = sum(counts[: world()[0]])  # this rank's first row's global position
-        pass_entropy = self._old_logp(batch, offset, sum(counts), stats)
+        pass_entropy, pass_mismatch = self._old_logp(batch, offset, sum(counts), stats)
         steps = self._on_policy_steps(batch, offset, sum(counts), t)
         if self.first_step_old_logp:  # it starts from the sampling weights: its forward is the old policy
             head = steps[0]
             head.old_logp_in_step, head.record_metrics, head.pass_entropy = True, stats, pass_entropy
+            head.pass_mismatch = pass_mismatch  # it completes rollout/logp_mismatch_* with its own rows
             # the buffer stores this iteration's rows under keys from here on, in row order
             head.replay_first_key = None if self.replay is None else self.replay.next_key
         stats["perf/score_s"] = score_s
         replay_steps, replay_stats = self._replay_steps(batch, t)
         stats.update(replay_stats)
-        first = _first_rows_of_episodes(rows.episode_keys[kept].tolist())
-        group_means, group_stds = _group_stats(rows.traj_rewards[kept][first], rows.group_ids[kept][first])
+        first = first_rows_of_episodes(rows.episode_keys[kept].tolist())
+        group_means, group_stds = group_stats(rows.traj_rewards[kept][first], rows.group_ids[kept][first])
         gathered = all_gather_objects((group_means, group_stds))
         stats["perf/build_s"] = time.perf_counter() - start
         all_steps = steps + replay_steps
@@ -305,7 +307,7 @@ class RolloutDataModule(L.LightningDataModule):
         n = len(rows.group_ids)
         if self.group_keep_ratio >= 1.0:
             return torch.ones(n, dtype=torch.bool), 0
-        first = _first_rows_of_episodes(rows.episode_keys.tolist())
+        first = first_rows_of_episodes(rows.episode_keys.tolist())
         parts = all_gather_objects((rows.group_ids[first].tolist(), rows.traj_rewards[first].tolist()))
         gids = torch.tensor([g for p in parts for g in p[0]], dtype=torch.long)  # rank order = global order
         rewards = torch.tensor([r for p in parts for r in p[1]], dtype=torch.float)
@@ -320,7 +322,7 @@ class RolloutDataModule(L.LightningDataModule):
 
         Episode-level metrics count each trajectory once (its first row); lengths are per row. The rollout
         time splits into the slowest rank's time inside the tool and the rest (generation)."""
-        first = _first_rows_of_episodes(rows.episode_keys.tolist())
+        first = first_rows_of_episodes(rows.episode_keys.tolist())
         ep = {
             "rollout/reward_mean": rows.traj_rewards[first],
             "rollout/success_rate": rows.correct[first],
@@ -390,7 +392,7 @@ class RolloutDataModule(L.LightningDataModule):
         steps = [dataclasses.replace(s) for _ in range(self.ppo_epochs) for s in steps]
         return steps or [self._minibatch(self._micro_split(batch), "on_policy", t)]
 
-    def _old_logp(self, batch: TokenBatch, offset: int, total: int, stats: dict) -> tuple[float, float]:
+    def _old_logp(self, batch: TokenBatch, offset: int, total: int, stats: dict) -> tuple[tuple, tuple]:
         """Old log-probs of the rows that the iteration's first on-policy step does not hold (SPEAR_SPEC §0
         step 6), by a separate pass before any update of ``t``: none when they all fit in one step.
 
@@ -398,9 +400,10 @@ class RolloutDataModule(L.LightningDataModule):
         log-probs (``MiniBatch.old_logp_in_step``; ratio 1, as TRL does for one step per rollout): it writes
         them into its micro-batches (later PPO epochs read them there) and the data module copies them into
         the replay buffer's copies of the rows (:meth:`_keep_step_old_logp`) before any replay can draw them
-        (the earliest is the next iteration). Returns the pass's global ``(entropy sum, loss tokens)``, with
-        which the first step completes the iteration's pre-update ``policy/entropy``. With
-        ``first_step_old_logp`` off the pass covers every row and sets ``policy/entropy`` itself."""
+        (the earliest is the next iteration). Returns the pass's global ``(entropy sum, loss tokens)`` and
+        sampler-trainer gap sums (:func:`~spear_lit.training.rollout_correction.mismatch_sums`), with which the
+        first step completes the iteration's pre-update ``policy/entropy`` and ``rollout/logp_mismatch_*``.
+        With ``first_step_old_logp`` off the pass covers every row and sets them itself."""
         start = time.perf_counter()
         covered, skip = 0, 0  # rows the first step covers: over all ranks, and this rank's first ones
         if self.first_step_old_logp:
@@ -409,10 +412,13 @@ class RolloutDataModule(L.LightningDataModule):
         entropy = (0.0, 0.0)
         if total > covered:  # the same decision on every rank: the pass is a collective
             entropy = self._fill_old_logp(batch, skip)
+        done = batch.select(list(range(skip, len(batch))))  # the rows whose old log-probs are known now
+        gap = all_reduce(mismatch_sums(done.old_logp, done.sampler_logp, done.response_mask), "sum")
         if not self.first_step_old_logp:
             stats["policy/entropy"] = entropy[0] / entropy[1] if entropy[1] else float("nan")
+            stats.update(mismatch_metrics(gap))
         stats["perf/old_logp_s"] = time.perf_counter() - start
-        return entropy
+        return entropy, tuple(gap.tolist())
 
     def _fill_old_logp(self, batch: TokenBatch, start: int) -> tuple[float, float]:
         """``batch.old_logp`` of rows ``start..`` under the current weights; these are also the values stored
@@ -594,23 +600,6 @@ class _Steps(IterableDataset):
 
     def __iter__(self):
         return self.dm._steps()
-
-
-def _first_rows_of_episodes(episode_keys: list[int]) -> list[int]:
-    """Index of the first row of each trajectory (rows of one episode share its key)."""
-    seen: set[int] = set()
-    return [i for i, e in enumerate(episode_keys) if not (e in seen or seen.add(e))]
-
-
-def _group_stats(traj_rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-group mean and (unbiased, 0 for singletons) std of trajectory rewards ``[E]`` (one per episode,
-    SPEAR_SPEC §5.1), in order of first appearance."""
-    means, stds = [], []
-    for g in dict.fromkeys(group_ids.tolist()):
-        r = traj_rewards[group_ids == g]
-        means.append(float(r.mean()))
-        stds.append(float(r.std()) if len(r) > 1 else 0.0)
-    return means, stds
 
 
 def _seed(*parts) -> int:

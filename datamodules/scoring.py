@@ -100,7 +100,8 @@ def anchor_ids(samples: Sequence[Sample]) -> torch.Tensor:
 def row_dicts(
     samples: Sequence[Sample], keep: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor
 ) -> list[dict]:
-    """The training rows; a row with ``keep`` False keeps its tokens but gets an all-zero loss mask."""
+    """The training rows; a row with ``keep`` False keeps its tokens but gets an all-zero loss mask. A row
+    carries the engine's sampling log-probs (``sampler_logp``) when it reported them."""
     return [
         {
             "prompt_ids": s.prompt_ids,
@@ -109,9 +110,27 @@ def row_dicts(
             "group_id": int(g),
             "reward": float(r),
             "num_tool_calls": s.num_tool_calls,
+            **({} if s.sampler_logp is None else {"sampler_logp": s.sampler_logp}),
         }
         for s, k, g, r in zip(samples, keep.tolist(), group_ids, rewards)
     ]
+
+
+def first_rows_of_episodes(episode_keys: list[int]) -> list[int]:
+    """Index of the first row of each trajectory (rows of one episode share its key)."""
+    seen: set[int] = set()
+    return [i for i, e in enumerate(episode_keys) if not (e in seen or seen.add(e))]
+
+
+def group_stats(traj_rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-group mean and (unbiased, 0 for singletons) std of trajectory rewards ``[E]`` (one per episode,
+    SPEAR_SPEC §5.1), in order of first appearance."""
+    means, stds = [], []
+    for g in dict.fromkeys(group_ids.tolist()):
+        r = traj_rewards[group_ids == g]
+        means.append(float(r.mean()))
+        stds.append(float(r.std()) if len(r) > 1 else 0.0)
+    return means, stds
 
 
 def score_rows(

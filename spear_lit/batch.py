@@ -31,11 +31,19 @@ class Episode:
     last_turn_text: str = ""  # decoded text of the final assistant turn
     active: bool = True
     truncated: bool = False  # stopped because prompt + response reached the engine's context length
+    # the sampling log-prob of every response token (0 on observations); None once a policy turn came
+    # without them (an engine that reports none)
+    sampler_logp: list[float] | None = field(default_factory=list)
 
-    def append(self, ids: list[int], generated: bool) -> None:
-        """Append tokens to the response (mask 1 if the policy generated them)."""
+    def append(self, ids: list[int], generated: bool, logp: list[float] | None = None) -> None:
+        """Append tokens to the response (mask 1 if the policy generated them, with their sampling
+        log-probs ``logp`` when the engine reported them)."""
         self.response_ids.extend(ids)
         self.response_mask.extend([int(generated)] * len(ids))
+        if generated and logp is None:
+            self.sampler_logp = None
+        elif self.sampler_logp is not None:
+            self.sampler_logp.extend(logp if generated else [0.0] * len(ids))
 
 
 @dataclass
@@ -51,6 +59,9 @@ class TokenBatch:
     * ``old_logp [N, T]`` float: log-probs of the sampling policy (for replay: as stored).
     * ``group_ids [N]`` long: the ``uid`` of each row's prompt.
     * ``rewards [N]`` float, ``num_tool_calls [N]`` long.
+    * ``sampler_logp [N, T]`` float or None: the log-prob of each response token under the distribution the
+      rollout engine drew it from (0 where it did not generate); None when the rows carry none (replay
+      rows, engines that report none).
     """
 
     input_ids: torch.Tensor
@@ -62,6 +73,7 @@ class TokenBatch:
     group_ids: torch.Tensor
     rewards: torch.Tensor
     num_tool_calls: torch.Tensor
+    sampler_logp: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -74,7 +86,7 @@ class TokenBatch:
         """Rows ``index`` (a long index or bool mask), same widths."""
         index = torch.tensor(index, dtype=torch.long) if isinstance(index, list) else index
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return TokenBatch(**{k: v if k == "prompt_width" else v[index] for k, v in kw.items()})
+        return TokenBatch(**{k: v if k == "prompt_width" or v is None else v[index] for k, v in kw.items()})
 
     def cropped(self) -> TokenBatch:
         """Drop columns that are padding in every row (left of the prompt, right of the response)."""
@@ -95,6 +107,7 @@ class TokenBatch:
             group_ids=self.group_ids,
             rewards=self.rewards,
             num_tool_calls=self.num_tool_calls,
+            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[:, :end],
         )
 
     def to(self, device) -> TokenBatch:
@@ -127,6 +140,7 @@ class TokenBatch:
         am = torch.zeros((n, P + T), dtype=torch.long)
         rm = torch.zeros((n, T), dtype=torch.float32)  # explicit: a bf16 default dtype must not round these
         old = torch.zeros((n, T), dtype=torch.float32)
+        sampler = torch.zeros((n, T), dtype=torch.float32) if all("sampler_logp" in r for r in rows) else None
         for i, r in enumerate(rows):
             p, t = len(r["prompt_ids"]), len(r["response_ids"])
             ids[i, P - p : P] = torch.as_tensor(r["prompt_ids"])
@@ -135,6 +149,8 @@ class TokenBatch:
             rm[i, :t] = torch.as_tensor(r["response_mask"], dtype=torch.float)
             if "old_logp" in r:
                 old[i, :t] = torch.as_tensor(r["old_logp"], dtype=torch.float)
+            if sampler is not None:
+                sampler[i, :t] = torch.as_tensor(r["sampler_logp"], dtype=torch.float)
         adv = (
             advantages
             if advantages is not None
@@ -150,6 +166,7 @@ class TokenBatch:
             group_ids=torch.tensor([r.get("group_id", 0) for r in rows], dtype=torch.long),
             rewards=torch.tensor([r.get("reward", 0.0) for r in rows], dtype=torch.float),
             num_tool_calls=torch.tensor([r.get("num_tool_calls", 0) for r in rows], dtype=torch.long),
+            sampler_logp=sampler,
         )
 
 
@@ -175,6 +192,8 @@ class Sample:
             invalid penalty of this step), SPEAR_SPEC §2.2; 0 for episode-level agents.
         anchor: GiGPO's anchor observation (the state text before the action); ``None`` = no step group.
         turns: assistant turns (math) or steps (agents) of the trajectory, for metrics.
+        sampler_logp: the sampling log-prob of each response token (0 where the policy did not generate it),
+            as the rollout engine reported it; ``None`` = not reported.
     """
 
     prompt_ids: list[int]
@@ -192,6 +211,7 @@ class Sample:
     turns: int = 1
     episode_score: float | None = None
     info: dict = field(default_factory=dict)
+    sampler_logp: list[float] | None = None
 
 
 @dataclass
@@ -241,6 +261,9 @@ class MiniBatch:
     record_metrics: dict | None = field(default=None)
     replay_first_key: int | None = None
     pass_entropy: tuple[float, float] = (0.0, 0.0)
+    # the pass's global sums of the sampler-trainer gap over the other rows (training/rollout_correction.py
+    # ``mismatch_sums``), which the first step completes with its own rows' into ``rollout/logp_mismatch_*``
+    pass_mismatch: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
 
     @property
     def pending(self) -> bool:

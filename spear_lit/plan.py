@@ -36,6 +36,7 @@ real weights, tracked alike (tests/test_plan.py compares the two).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -176,9 +177,42 @@ def _bytes(tensors) -> int:
     return out
 
 
+_FACTORIES = ("empty.memory_format", "empty_strided.default", "zeros.default", "ones.default", "full.default")
+_NEW = (
+    "new_empty.default",
+    "new_zeros.default",
+    "new_ones.default",
+    "new_full.default",
+    "new_empty_strided.default",
+)
+
+
+def fake_allocations(mode, min_numel: int = 1 << 16):
+    """A dispatch mode under which every new tensor of at least ``min_numel`` elements made from a size
+    (``torch.empty``/``zeros``/``full``/``new_empty``...: FSDP2's all-gather buffers, activations' zeros)
+    is a fake tensor of ``mode``: the simulation then allocates nothing large, while the small host-side
+    index tensors (row boundaries, masks) stay real, so the code that reads their values runs as usual."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FakeAllocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = f"{func._opname}.{func._overloadname}"
+            size = args[0] if name in _FACTORIES else args[1] if name in _NEW else None
+            if size is not None and math.prod(size) >= min_numel:
+                with mode:
+                    if name in _NEW and not isinstance(args[0], FakeTensor):
+                        args = (mode.from_tensor(args[0]), *args[1:])
+                    return func(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    return FakeAllocations()
+
+
 def build(cfg, s: Setup, fake: bool):
-    """``(learner, optimizer)`` as ``train.py`` builds them; with ``fake``, on fake tensors of a fake
-    process group already initialised with the recipe's world size."""
+    """``(learner, optimizer, fake mode or None)`` as ``train.py`` builds them; with ``fake``, on fake
+    tensors of a fake process group already initialised with the recipe's world size."""
     import torch
     from hydra.utils import instantiate
     from torch.distributed.device_mesh import init_device_mesh
@@ -215,12 +249,10 @@ def build(cfg, s: Setup, fake: bool):
     learner.model, learner.ref_model = model, ref
     learner.sp = sequence_parallel.group_of(strategy, model) if s.fsdp else None
     learner.pack_rows = s.packed
-    return learner, learner.configure_optimizers()
+    return learner, learner.configure_optimizers(), mode if fake else None
 
 
 def _autocast(s: Setup):
-    import contextlib
-
     import torch
 
     from spear_lit.training import precision
@@ -277,28 +309,31 @@ def run_step(cfg, s: Setup, fake: bool) -> dict:
     old-log-prob pass, and the optimizer step computed from the shards."""
     import torch
 
-    learner, opt = build(cfg, s, fake)
+    learner, opt, mode = build(cfg, s, fake)
+    # sizes while everything is sharded (FSDP2 leaves the root unsharded after a forward)
+    params = _bytes(learner.model.parameters())
+    ref = _bytes(learner.ref_model.parameters()) if learner.ref_model is not None else 0
+    num_params = sum(p.numel() for p in learner.model.parameters())  # a DTensor's numel is the global one
+    fakes = (lambda: fake_allocations(mode)) if fake else contextlib.nullcontext
     vocab = learner.model.get_output_embeddings().weight.shape[0]
-    # steady state: AdamW's state exists (one tiny step) and gradients are being accumulated
-    _micro_step(learner, tiny_batch(vocab), s)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    _micro_step(learner, tiny_batch(vocab), s)
+    with fakes():  # steady state: AdamW's state exists (one tiny step), gradients are being accumulated
+        _micro_step(learner, tiny_batch(vocab), s)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _micro_step(learner, tiny_batch(vocab), s)
     b = micro_batch(s, vocab)
     train = _tracker(learner, opt, s.fsdp)
-    with train:
+    with fakes(), train:
         _micro_step(learner, b, s)
     opt.zero_grad(set_to_none=True)
     old = _tracker(learner, opt, s.fsdp)
     learner.model.eval()
-    with old, torch.no_grad(), _autocast(s):
+    with fakes(), old, torch.no_grad(), _autocast(s):
         learner.token_stats(b)
     learner.model.train()
-    params = _bytes(learner.model.parameters())
     moments = sum(
         _bytes([v for v in st.values() if torch.is_tensor(v) and v.dim()]) for st in opt.state.values()
     )
-    ref = _bytes(learner.ref_model.parameters()) if learner.ref_model is not None else 0
     return {
         "train": _peak(train),
         "old_logp": _peak(old),
@@ -307,7 +342,7 @@ def run_step(cfg, s: Setup, fake: bool) -> dict:
         "moments": moments,
         "reference": ref,
         "optimizer_step": 2 * params + moments + moments / 2 + ref,
-        "num_params": sum(p.numel() for p in learner.model.parameters()) * (s.world if s.fsdp else 1),
+        "num_params": num_params,
     }
 
 

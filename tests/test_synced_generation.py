@@ -29,7 +29,8 @@ def _prompts(tok) -> list[list[int]]:
 def _generate(model, tok, share: slice) -> list[list[int]]:
     engine = HFEngine(max_batch_size=CHUNK)
     engine.bind(model, tok)
-    return engine.generate(_prompts(tok)[share], max_new_tokens=BUDGETS[share], greedy=True)
+    outs = engine.generate(_prompts(tok)[share], max_new_tokens=BUDGETS[share], greedy=True)
+    return [list(o) for o in outs]  # the token ids (torch.load refuses the Continuation class)
 
 
 def _rank(rank: int, port: int, out: str) -> None:

@@ -8,6 +8,7 @@ subprocess and check the numbers those write; they share one xdist group so two 
 for the 2 cores. ``-m gpu`` tests need CUDA.
 """
 
+import csv
 import importlib.util
 import json
 import os
@@ -124,7 +125,8 @@ class _FakeLLM:
         for p, sp in zip(prompts, params):
             last = p["prompt_token_ids"][-1]
             ids = [last + 1 + k for k in range(sp.max_tokens + 3)]  # a fake may overrun; the engine trims
-            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids)]))
+            lps = [{t: types.SimpleNamespace(logprob=-0.01 * (k + 1))} for k, t in enumerate(ids)]
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, logprobs=lps)]))
         return outs
 
 
@@ -156,6 +158,7 @@ def test_bind_builds_one_engine_and_sync_streams_every_weight(fake_vllm, tiny_di
     assert llm.kwargs["model"] == str(tiny_dir) and llm.kwargs["tensor_parallel_size"] == 1
     assert llm.kwargs["seed"] == 7 and llm.kwargs["load_format"] == "dummy"
     assert llm.kwargs["generation_config"] == "vllm" and "distributed_executor_backend" not in llm.kwargs
+    assert llm.kwargs["logprobs_mode"] == "processed_logprobs"  # after temperature: what the trainer compares
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     with pytest.raises(RuntimeError, match="before sync_weights"):
         eng.generate([[1, 2]], max_new_tokens=[4])
@@ -195,6 +198,7 @@ def test_generate_samples_the_full_distribution_and_trims_at_eos_and_budget(fake
     out = eng.generate(prompts, max_new_tokens=budgets, temperature=1.0, top_p=0.6)
     # row 0 counts eos-2, eos-1, eos, ... -> cut after EOS (included); row 1 counts 9, 10 -> its budget
     assert out == [[eos - 2, eos - 1, eos], [9, 10]]
+    assert [o.logprobs for o in out] == [[-0.01, -0.02, -0.03], [-0.01, -0.02]]  # trimmed with the tokens
     p = eng.llm.params
     assert [x.max_tokens for x in p] == budgets
     assert all(
@@ -205,6 +209,7 @@ def test_generate_samples_the_full_distribution_and_trims_at_eos_and_budget(fake
         and x.frequency_penalty == 0.0
         and x.stop_token_ids == [eos]
         and x.detokenize is False
+        and x.logprobs == 0  # the sampled token's own log-prob
         for x in p
     )
     assert all(x.temperature == 1.0 and x.top_p == 0.6 for x in p)
@@ -338,14 +343,24 @@ class TestRealVLLM:
         r = probe["sampling"][key]
         assert r["tv"] < r["bound"], r
 
+    def test_vllm_reports_the_log_prob_each_token_was_sampled_with_at_the_trainers_temperature(self, probe):
+        """Sampled at T = 0.7: vLLM's log-prob of each generated token (``processed_logprobs``) equals the
+        trainer's log_softmax(z/0.7) of it; vLLM's default (raw, of softmax(z)) would be far off."""
+        s = probe["sampler_logp"]
+        assert s["tokens"] >= 20 and s["all_reported"], s
+        assert s["vs_trainer"] <= TOL, s
+        assert s["vs_trainer_t1"] > 0.05, s
+
     def test_train_py_with_vllm_cpu_runs_end_to_end_and_samples_from_the_previous_iterations_weights(
         self, tmp_path
     ):
         proc = _train(tmp_path, "iterations=3")
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "spear_lit run summary" in proc.stdout
-        rows = (tmp_path / "metrics.csv").read_text().splitlines()
-        assert len(rows) == 4  # header + iterations 1..3
+        rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+        assert len(rows) == 3  # iterations 1..3
+        # vLLM's own log-probs of what it sampled vs the trainer's old log-probs, both fp32: the gap is ~0
+        assert all(float(r["rollout/logp_mismatch_abs"]) <= TOL for r in rows), rows
         spy = json.loads((tmp_path / "spy" / "rank0.json").read_text())
         assert {t for t, _ in spy["at_generation"]} == {1, 2, 3}
         for t, digest in spy["at_generation"]:
@@ -543,6 +558,29 @@ def _probe(out: Path) -> None:
             "tv": ts.tv(f, p, sets),
             "bound": ts.tv_bound(p, sets, ts.SAMPLES),
         }
+
+    # the sampled tokens' log-probs as vLLM reports them vs the trainer's (logprobs.py) at the same T = 0.7
+    from spear_lit.batch import TokenBatch
+    from spear_lit.training.logprobs import response_token_stats
+
+    torch.manual_seed(1)
+    prompts = [prompt, prompt[:5], prompt[:9]]
+    outs = eng.generate(prompts, max_new_tokens=[16] * 3, temperature=0.7)
+    rows = [
+        {"prompt_ids": q, "response_ids": list(o), "response_mask": [1] * len(o), "sampler_logp": o.logprobs}
+        for q, o in zip(prompts, outs)
+    ]
+    b = TokenBatch.from_rows(rows, tok.pad_token_id)
+    model.eval()  # (the checkpoint has attention dropout)
+    with torch.no_grad():
+        trainer = {T: response_token_stats(model, b, temperature=T, entropy=False)[0] for T in (0.7, 1.0)}
+    model.train()
+    res["sampler_logp"] = {
+        "tokens": int(b.response_mask.sum()),
+        "all_reported": all(len(o.logprobs) == len(o) for o in outs),
+        "vs_trainer": float(((trainer[0.7] - b.sampler_logp) * b.response_mask).abs().max()),
+        "vs_trainer_t1": float(((trainer[1.0] - b.sampler_logp) * b.response_mask).abs().max()),
+    }
 
     # weight sync: exact after sync_weights, stale before it
     seq = ts.probe_prompt(model, tok) + tok(" The answer is 46.", add_special_tokens=False)["input_ids"]

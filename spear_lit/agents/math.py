@@ -136,6 +136,7 @@ class ToolAgent:
                 incomplete=not e.finished or not e.response_ids or not has_final_answer(e.last_turn_text),
                 text=x,
                 turns=e.num_turns,
+                sampler_logp=e.sampler_logp,
             )
             for i, (e, x, s) in enumerate(zip(episodes, texts, scores))
         ]

@@ -77,6 +77,7 @@ class StepRecord:
 
     Attributes:
         prompt_ids, response_ids: the row's tokens (the whole response is policy-generated).
+        sampler_logp: the engine's sampling log-prob of each response token (``None``: not reported).
         text: decoded response. action: the parsed ``<action>`` text, ``None`` if unparseable/empty.
         anchor: the observation the action was taken in (GiGPO's anchor state).
         reward: environment reward of the step (0 when not executed). valid: executed and accepted.
@@ -92,6 +93,7 @@ class StepRecord:
     valid: bool = False
     done: bool = False
     info: dict = field(default_factory=dict)
+    sampler_logp: list[float] | None = None
 
 
 @dataclass
@@ -229,6 +231,7 @@ def run_env_episodes(
             action = parse_env_action(text, require_think=require_think)
             command = prompt.command(action, current[i].admissible_actions) if action is not None else None
             rec = StepRecord(list(p_ids), list(r_ids), text, action, anchor=current[i].observation)
+            rec.sampler_logp = getattr(r_ids, "logprobs", None)
             episodes[i].steps.append(rec)
             if command is None:  # never sent: the state is unchanged
                 history[i].append(HistoryItem(current[i].observation, action or "", False))
@@ -332,6 +335,7 @@ def episodes_to_samples(
                     turns=len(ep.steps),
                     episode_score=total,
                     info=info,
+                    sampler_logp=s.sampler_logp,
                 )
             )
     return out

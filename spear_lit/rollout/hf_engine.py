@@ -18,6 +18,18 @@ from spear_lit.policy import full_attention_only, is_sharded
 from spear_lit.policy.attention import SHARED_PREFIX, cascade_attention
 
 
+class Continuation(list):
+    """One generated continuation: its token ids (a ``list[int]``, so callers that only want ids see a list)
+    and ``logprobs``, the log-probability of each id under the distribution the engine drew it from
+    (``softmax(z/T)`` restricted to the top-p nucleus and renormalised; for greedy decoding, of ``softmax(z)``)."""
+
+    def __init__(self, ids, logprobs):
+        super().__init__(ids)
+        self.logprobs = [float(x) for x in logprobs]
+        if len(self.logprobs) != len(self):
+            raise ValueError(f"{len(self.logprobs)} log-probs for {len(self)} tokens")
+
+
 class RolloutEngine(Protocol):
     """What an agent loop needs from a generator."""
 
@@ -35,8 +47,9 @@ class RolloutEngine(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         greedy: bool = False,
-    ) -> list[list[int]]:
-        """Continue each prompt; a continuation ends with EOS (included) or at its own token budget."""
+    ) -> list[Continuation]:
+        """Continue each prompt; a continuation ends with EOS (included) or at its own token budget, and
+        carries the sampling log-prob of each of its tokens (:class:`Continuation`)."""
 
     def release(self) -> None:
         """Free generation memory until the next ``sync_weights`` (e.g. put vLLM to sleep)."""
@@ -51,7 +64,8 @@ class HFEngine:
 
     The engine samples from the very module being trained (no copy), so ``sync_weights`` has
     nothing to do and on-policy sampling holds by construction. Its own decode loop draws from exactly
-    softmax(z/T) with top-p (:func:`sample_next`): no generation config and no logits processor exists
+    softmax(z/T) with top-p (:func:`sample_next`), and reports each drawn token's log-prob under that
+    distribution (:class:`Continuation`): no generation config and no logits processor exists
     to leak a checkpoint's repetition penalty or top-k. Works on CPU and GPU, and under DDP and FSDP2
     (``synced_gpus``: sharded ranks keep stepping together until every rank's rows are done).
 
@@ -194,6 +208,7 @@ class HFEngine:
             mask = torch.cat([attn, attn.new_ones(n, steps)], 1)
             pos, last = position_ids(attn)[:, -1:], ids[:, -1:]
             out = torch.full((n, steps), tok.pad_token_id, dtype=torch.long, device=device)
+            out_logp = torch.zeros((n, steps), dtype=torch.float64, device=device)
             done, t = budget <= 0, 0
             while True:
                 all_done = bool(done.all())
@@ -214,7 +229,9 @@ class HFEngine:
                 if all_done:  # a synced rank with all its rows done: the forward only, no draw
                     nxt = last[:, 0]  # (drawing would move the random stream its next call starts from)
                 else:
-                    nxt = sample_next(self.next_token_logits(logits, t), temperature, top_p, greedy)
+                    nxt, out_logp[:, t] = sample_next(
+                        self.next_token_logits(logits, t), temperature, top_p, greedy
+                    )
                     nxt = torch.where(done, tok.pad_token_id, nxt)
                     out[:, t] = nxt
                     done |= (nxt == tok.eos_token_id) | (budget <= t + 1)
@@ -222,11 +239,11 @@ class HFEngine:
         finally:
             model.train(was_training)
         outs = []
-        for row, b in zip(out.cpu().tolist(), budgets):
+        for row, logp, b in zip(out.cpu().tolist(), out_logp.cpu().tolist(), budgets):
             row = row[:b]
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id) + 1]
-            outs.append(row)
+            outs.append(Continuation(row, logp[: len(row)]))
         return outs
 
 
@@ -240,22 +257,28 @@ def _finished(all_done: bool, synced: bool, device) -> bool:
     return not bool(left.item())
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
-    """One token per row of ``logits [B, V]``: the argmax, or a draw from exactly softmax(z/T) restricted to the
-    nucleus (the most likely tokens until their mass reaches ``top_p``: a token is kept when the mass of the
-    strictly more likely ones is below ``top_p``) and renormalised. Drawn by inverting the float64 CDF with
-    one uniform per row from torch's global generator."""
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits [B, V]`` and its log-prob under the distribution it was drawn from, both
+    ``[B]``: the argmax (log-prob of softmax(z), as vLLM reports greedy tokens), or a draw from exactly
+    softmax(z/T) restricted to the nucleus (the most likely tokens until their mass reaches ``top_p``: a token
+    is kept when the mass of the strictly more likely ones is below ``top_p``) and renormalised. Drawn by
+    inverting the float64 CDF with one uniform per row from torch's global generator."""
     if greedy:
-        return logits.argmax(-1)
+        idx = logits.argmax(-1)
+        return idx, torch.log_softmax(logits.double(), -1).gather(-1, idx[:, None]).squeeze(-1)
     p = torch.softmax(logits.double() / temperature, -1)
     order = None
     if top_p < 1.0:
         p, order = p.sort(-1, descending=True)
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
-    cdf = p.cumsum_(-1)
+    cdf = p.cumsum(-1)
     u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
-    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+    # the drawn token's probability over the kept mass (the nucleus renormalised; all of it without top-p)
+    logp = (p.gather(-1, idx).log() - cdf[:, -1:].log()).squeeze(-1)
+    return (idx if order is None else order.gather(-1, idx)).squeeze(-1), logp
 
 
 class PreallocatedLayer(DynamicLayer):

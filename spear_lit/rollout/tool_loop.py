@@ -86,7 +86,7 @@ def _step(
     """Append one generated turn to each active episode and run the tool calls it made."""
     pending: list[tuple[Episode, list[str | None]]] = []
     for e, ids in zip(active, outs):
-        e.append(ids, generated=True)
+        e.append(ids, generated=True, logp=getattr(ids, "logprobs", None))
         e.num_turns += 1
         e.last_turn_text = tokenizer.decode(ids, skip_special_tokens=True)
         ended_turn = bool(ids) and ids[-1] == tokenizer.eos_token_id

