@@ -14,8 +14,10 @@ dtypes, no storage) on a fake process group of the recipe's world size (rank 0 o
 from the recipe's ``learner`` config then runs its own :meth:`~spear_lit.training.module.PolicyModule.token_stats`
 (packing, sequence parallelism, chunked log-probs, gradient checkpointing: what the recipe turns on) on the
 largest micro-batch the recipe allows, with backward, under PyTorch's ``FSDPMemTracker``, which counts every
-tensor's bytes by category. The old-log-prob pass (no gradient, eval mode) is tracked the same way. A
-simulation of the 32B recipe's 64 layers takes a few minutes of one core; no real memory is used.
+tensor's bytes by category. The old-log-prob pass (no gradient, eval mode) is tracked the same way. Every
+large new tensor (FSDP2's all-gather buffers included) is fake too (:func:`fake_allocations`); only the small
+host-side index tensors are real. The 32B recipe's 64 layers at 18432 tokens take ~40 s of one core and
+~0.5 GB of memory.
 
 **What the tracker does not see, added as stated constants** (not measured here; override with flags):
 the CUDA context and cuBLAS workspace (``--cuda-context-gib``), NCCL's buffers (``--nccl-gib``) and the
@@ -27,10 +29,14 @@ global-shape temporaries): fp32 shards + gradients + AdamW's two moments + one m
 (foreach AdamW's ``sqrt(exp_avg_sq)``), from the simulated shards' sizes. vLLM's share: it takes
 ``gpu_memory_utilization`` of the device while awake (bf16 weights per tensor-parallel rank, the KV cache
 in the rest); asleep at level 2 it keeps nothing but its CUDA context, at level 1 its weights go to host
-memory. The loss terms' own arithmetic (a few ``[n, T]`` per-token tensors) is not run: < 0.1 % of the step.
+memory. The weight sync: vLLM's weights awake (its KV cache not yet), one parameter gathered in full in
+bf16 at a time, the trainer's shards and AdamW state resident. Host memory per node: global rank 0 reads
+the whole policy in ``model.dtype`` (spear_lit/training/sharded_load.py), each process adds a stated
+constant (``--host-per-rank-gib``), offloaded shards and a level-1-asleep vLLM's weights are added. The loss
+terms' own arithmetic (a few ``[n, T]`` per-token tensors) is not run: < 0.1 % of the step.
 
-``python -m spear_lit.plan --real`` inside a ``torchrun``/gloo world runs the same step on real tensors and
-real weights, tracked alike (tests/test_plan.py compares the two).
+:func:`run_step` with ``fake=False`` runs the same step on real weights and tensors, tracked alike:
+tests/test_plan.py compares the two on 2 gloo ranks (within 10 %).
 """
 
 from __future__ import annotations
@@ -314,6 +320,7 @@ def run_step(cfg, s: Setup, fake: bool) -> dict:
     params = _bytes(learner.model.parameters())
     ref = _bytes(learner.ref_model.parameters()) if learner.ref_model is not None else 0
     num_params = sum(p.numel() for p in learner.model.parameters())  # a DTensor's numel is the global one
+    largest = max(p.numel() for p in learner.model.parameters())  # the weight sync gathers one at a time
     fakes = (lambda: fake_allocations(mode)) if fake else contextlib.nullcontext
     vocab = learner.model.get_output_embeddings().weight.shape[0]
     with fakes():  # steady state: AdamW's state exists (one tiny step), gradients are being accumulated
@@ -343,6 +350,7 @@ def run_step(cfg, s: Setup, fake: bool) -> dict:
         "reference": ref,
         "optimizer_step": 2 * params + moments + moments / 2 + ref,
         "num_params": num_params,
+        "largest_param": largest,
     }
 
 
@@ -415,6 +423,13 @@ def make_plan(cfg, device_gib: float = 80.0, c: Constants | None = None) -> dict
     resident = 0.0 if s.offload else g(step["params"] + step["moments"] + step["reference"])
     training = tracked + overhead + v["asleep"]
     rollout = v["awake"] + resident + c.cuda_context_gib + c.nccl_gib
+    # weight sync (vllm_engine.sync_weights): vLLM's weights awake, its KV cache not yet; each parameter
+    # gathered in full in bf16, one at a time; the trainer's gradients already freed
+    sync = (
+        (v["weights"] + g(2 * step["largest_param"]) + resident + c.cuda_context_gib + c.nccl_gib)
+        if s.vllm
+        else 0.0
+    )
     full_model_host = g(step["num_params"] * source.dtype.itemsize)  # rank 0 reads the whole policy
     host_base = s.gpus_per_node * c.host_per_rank_gib + s.gpus_per_node * g(on_host)
     plan = {
@@ -442,13 +457,14 @@ def make_plan(cfg, device_gib: float = 80.0, c: Constants | None = None) -> dict
         },
         "vllm": v,
         "rollout_peak": rollout,
+        "weight_sync_peak": sync,
         "host_per_node": {
             "start_up_node0": host_base + full_model_host,
             "start_up_other": host_base,
             "asleep": host_base + s.gpus_per_node * v["host_asleep"],
         },
     }
-    peak = max(training, rollout)
+    peak = max(training, rollout, sync)
     plan["peak"] = peak
     plan["margin"] = device_gib - peak
     plan["fits"] = peak <= device_gib
@@ -477,6 +493,7 @@ def render(plan: dict) -> str:
             v["awake"],
         ),
         ("= rollout phase peak (vLLM + resident shards and state)", plan["rollout_peak"]),
+        ("weight sync peak (vLLM weights + one full bf16 tensor + resident)", plan["weight_sync_peak"]),
     ]
     h = plan["host_per_node"]
     lines = [
@@ -508,6 +525,7 @@ def summary(plan: dict) -> dict:
         "train": {k: r(v) for k, v in plan["train"].items()},
         "vllm": {k: r(v) for k, v in plan["vllm"].items()},
         "rollout_peak_gib": r(plan["rollout_peak"]),
+        "weight_sync_peak_gib": r(plan["weight_sync_peak"]),
         "host_per_node_gib": {k: r(v) for k, v in plan["host_per_node"].items()},
     }
 
@@ -545,17 +563,18 @@ def check_at_start(cfg) -> None:
     )
 
 
+FLAGS = ("cuda_context_gib", "nccl_gib", "fragmentation", "host_per_rank_gib")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m spear_lit.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--device-gib", type=float, default=80.0, help="GPU memory to plan against (default 80)")
-    for f in ("cuda_context_gib", "nccl_gib", "fragmentation"):
+    for f in FLAGS:
         p.add_argument("--" + f.replace("_", "-"), type=float, default=getattr(Constants, f))
     args, overrides = p.parse_known_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = compose(overrides)
-    c = Constants(
-        cuda_context_gib=args.cuda_context_gib, nccl_gib=args.nccl_gib, fragmentation=args.fragmentation
-    )
+    c = Constants(**{f: getattr(args, f) for f in FLAGS})
     plan = make_plan(cfg, args.device_gib, c)
     print(render(plan))
     print(json.dumps(summary(plan)))
