@@ -10,12 +10,13 @@ responses of ``L/8, 2L/8, ..., L`` tokens (a group's usual spread). Three learne
 
 * *full-vocabulary, padded*: the ``[n, T, V]`` logits in fp32 with gradient, rows padded (before item 1);
 * *chunked, padded*: :func:`~spear_lit.training.logprobs.response_token_stats` (after item 1);
-* *chunked, packed*: the same on the rows concatenated without padding (``data.micro_batch_tokens``).
+* *chunked, packed*: the same on the rows concatenated without padding (``data.micro_batch_tokens``);
+* *sequence parallel 2*: the packed micro-batch split over 2 gloo processes (item 3), per rank.
 
 Each case runs in a fresh subprocess: the peak is the RSS high-water mark after the reps minus the one
 before them; time is the median over ``--reps``, per 1000 of the rows' own tokens (prompt + response,
-padding not counted). Sequence parallelism splits a micro-batch over ranks: what it saves per rank is in the
-memory plan (``python -m spear_lit.plan``), not here. Nothing is asserted.
+padding not counted). On CPU the two sequence-parallel processes share the machine's cores, so their time
+shows the all-to-alls' cost, not a speed-up. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ from _learner_case import full_vocab_stats, measure, median, tiny_policy  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT, ROWS, VOCAB = 64, 8, 32768
-MODES = {"full": "full-vocabulary, padded", "chunked": "chunked, padded", "packed": "chunked, packed"}
+MODES = {
+    "full": "full-vocabulary, padded",
+    "chunked": "chunked, padded",
+    "packed": "chunked, packed",
+    "sp2": "chunked, packed, sequence parallel 2 (per rank)",
+}
 
 
-def _case(mode: str, L: int, reps: int) -> dict:
+def _setup(L: int):
+    """The tiny policy and the micro-batch of length ``L`` (the same on every process: fixed seeds)."""
     import torch
 
     from spear_lit.batch import TokenBatch
-    from spear_lit.training.logprobs import response_token_stats
 
     model = tiny_policy(hidden=128, layers=2, vocab=VOCAB, max_positions=PROMPT + L + 1)
     g = torch.Generator().manual_seed(0)
@@ -53,7 +59,15 @@ def _case(mode: str, L: int, reps: int) -> dict:
                 "response_mask": [1] * t,
             }
         )
-    b = TokenBatch.from_rows(rows, pad_id=0)
+    return model, TokenBatch.from_rows(rows, pad_id=0)
+
+
+def _case(mode: str, L: int, reps: int) -> dict:
+    if mode == "sp2":
+        return _sequence_parallel(L, reps)
+    from spear_lit.training.logprobs import response_token_stats
+
+    model, b = _setup(L)
     steps = {
         "full": lambda: full_vocab_stats(model, b),
         "chunked": lambda: response_token_stats(model, b, share_prompts=False),
@@ -62,6 +76,47 @@ def _case(mode: str, L: int, reps: int) -> dict:
     peak, times = measure(model, b, steps[mode], reps)
     tokens = int(b.attention_mask.sum())
     return {"peak": peak, "s_per_1k": 1000 * median(times) / tokens, "tokens": tokens}
+
+
+def _sp_rank(rank: int, port: int, L: int, reps: int, out: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from spear_lit.training import logprobs, sequence_parallel
+    from spear_lit.training.strategies import FSDP2Strategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=600))
+    model, b = _setup(L)
+    sp = sequence_parallel.group_of(FSDP2Strategy(sequence_parallel_size=2), model)
+    step = lambda: sequence_parallel.response_token_stats(model, b, sp, chunk_size=logprobs.CHUNK_SIZE)  # noqa: E731
+    peak, times = measure(model, b, step, reps)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak": peak, "s": median(times)}))
+    dist.destroy_process_group()
+
+
+def _sequence_parallel(L: int, reps: int) -> dict:
+    """Chunked and packed, the micro-batch split over 2 gloo processes (Ulysses, sequence parallel 2): the
+    larger of the two ranks' peaks, and the slower rank's seconds per 1k of the micro-batch's tokens."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock, tempfile.TemporaryDirectory() as out:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        mp.start_processes(_sp_rank, args=(port, L, reps, out), nprocs=2, start_method="spawn")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    tokens = int(_setup(L)[1].attention_mask.sum())
+    return {
+        "peak": max(r["peak"] for r in ranks),
+        "s_per_1k": 1000 * max(r["s"] for r in ranks) / tokens,
+        "tokens": tokens,
+    }
 
 
 def main() -> None:

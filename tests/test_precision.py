@@ -142,6 +142,7 @@ RUN = [
     "spear.buffer_size=2",
     "tool=unsafe",
     "data.agent._target_=rank_agent.DeterministicAgent",
+    "correction=none",  # the scripted agent samples nothing: no sampler log-probs for the recipe's MIS
     "~callbacks.validation",
     "trainer.logger=null",
     "export_hf=false",

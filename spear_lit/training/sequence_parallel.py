@@ -141,8 +141,8 @@ def _gather(t: torch.Tensor, sp: SPGroup) -> torch.Tensor:
     """The group's slices, concatenated in rank order; differentiable where ``t`` needs a gradient (the
     backward sums the group's gradients and hands each rank its slice's)."""
     if t.requires_grad:
-        return funcol.wait_tensor(funcol.all_gather_tensor_autograd(t.contiguous(), 0, sp.group))
-    return funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous(), 0, sp.group))
+        return funcol.wait_tensor(funcol.all_gather_single_autograd(t.contiguous(), 0, sp.group))
+    return funcol.wait_tensor(funcol.all_gather_single(t.contiguous(), 0, sp.group))
 
 
 def seq_to_heads(t: torch.Tensor, s: int, group) -> torch.Tensor:
