@@ -56,6 +56,7 @@ SPEC_METRICS = [
 ]
 # the per-phase breakdown of perf/iteration_s (seconds of rank 0, rollout: of the slowest rank)
 PHASES = [
+    "perf/weight_sync_s",
     "perf/generation_s",
     "perf/tool_s",
     "perf/score_s",

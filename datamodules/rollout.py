@@ -355,7 +355,9 @@ class RolloutDataModule(L.LightningDataModule):
         out["sched/tool_reward_weight"] = self.tool_reward_weight
         if "calls" in agent_stats:
             out["tool/calls"], out["tool/error_rate"] = calls, errors / calls if calls else 0.0
-        slowest, tool_s = all_reduce([gen_s, agent_stats.get("tool_s", 0.0)], "max").tolist()
+        sync = [getattr(self.engine, k, 0.0) for k in ("last_sync_s", "last_sync_bytes")]  # vLLM's; HF: none
+        slowest, tool_s, *sync = all_reduce([gen_s, agent_stats.get("tool_s", 0.0), *sync], "max").tolist()
+        out["perf/weight_sync_s"], out["perf/weight_sync_bytes"] = sync  # the slowest rank's; bytes per rank
         out["perf/rollout_s"], out["perf/tool_s"], out["perf/generation_s"] = (
             slowest,
             tool_s,

@@ -361,6 +361,13 @@ class TestRealVLLM:
         assert len(rows) == 3  # iterations 1..3
         # vLLM's own log-probs of what it sampled vs the trainer's old log-probs, both fp32: the gap is ~0
         assert all(float(r["rollout/logp_mismatch_abs"]) <= TOL for r in rows), rows
+        # the weight sync is timed and sized: every fp32 parameter of the policy went into vLLM, each iteration
+        from spear_lit.policy import PolicySource
+
+        n = sum(p.numel() for p in PolicySource("builtin:tiny-math-sft").model().parameters())
+        synced = {float(r["perf/weight_sync_bytes"]) for r in rows}
+        assert len(synced) == 1 and synced.pop() >= 4 * n, [r["perf/weight_sync_bytes"] for r in rows]
+        assert all(float(r["perf/weight_sync_s"]) > 0 for r in rows)
         spy = json.loads((tmp_path / "spy" / "rank0.json").read_text())
         assert {t for t, _ in spy["at_generation"]} == {1, 2, 3}
         for t, digest in spy["at_generation"]:

@@ -25,6 +25,10 @@ reports for each sampled token (``logprobs_mode="processed_logprobs"``: after te
 sampled it) equals the trainer's log_softmax(z/T) at T = 0.7 (to ≤ 1e-4; measured 1.9e-6). On a GPU the
 same code path runs (``reload_weights`` is vLLM's API for both); only the ``-m gpu`` tests exercise it
 there, and sleep mode (``LLM.sleep`` / ``wake_up(tags=...)``, CUDA only) is checked there alone.
+Tensor parallelism (tests/test_vllm_tp.py): replicas of TP 2 on 2 and 4 CPU ranks beside DDP and FSDP2
+return, after each sync, exactly the HF engine's greedy continuations of each rank's own prompts, and
+``train.py ... rollout.tensor_parallel_size=2`` trains on policy; layouts vLLM cannot run are refused at
+:meth:`bind` (:func:`tp_layout_problems`, :func:`stale_cpu_shm`).
 
 GPU memory order (CUDA only; exercised by the ``gpu`` tests alone, so untested where no GPU is lent): the
 trainer's cached blocks are handed back (``torch.cuda.empty_cache``) before ``vllm.LLM`` is built, because
@@ -56,6 +60,8 @@ INSTALL_HINT = (
 # vLLM-CPU attention kernels (vllm/v1/attention/backends/cpu_attn.py, 0.32.0); read from vLLM when importable.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+CPU_MAX_TP = 8  # ranks one vLLM-CPU TP group can all-reduce over (tp_layout_problems)
+SHM_DIR = Path("/dev/shm")  # where vLLM-CPU's TP all-reduce keeps its segments (stale_cpu_shm)
 
 
 class VLLMEngine:
@@ -71,8 +77,9 @@ class VLLMEngine:
             ``load_format="auto"``). ``None`` = the directory the policy was loaded from
             (``model.name_or_path``, i.e. ``model.path``); a ``builtin:<name>`` path is resolved like
             ``model.path``.
-        tensor_parallel_size: devices per vLLM replica; must divide the world size. The ranks of a replica
-            are consecutive (the GPUs of one node when it divides ``trainer.devices``).
+        tensor_parallel_size: devices per vLLM replica; must divide the world size and fit the model
+            (:func:`tp_layout_problems`; at most 8 on CPU). The ranks of a replica are consecutive (the GPUs
+            of one node when it divides ``trainer.devices``).
         gpu_memory_utilization: fraction of each GPU vLLM may take (weights, activations, KV cache). The
             trainer's own memory must fit in the rest while vLLM is awake. ``None`` = vLLM's default.
             On CPU vLLM reads it as a fraction of *host* memory: set ``kv_cache_memory_bytes`` there.
@@ -146,7 +153,7 @@ class VLLMEngine:
         self.tokenizer = None
         self.synced = False  # real weights in vLLM (load_format=dummy starts with random ones)
         self.asleep = False
-        self.last_sync_s = 0.0
+        self.last_sync_s, self.last_sync_bytes = 0.0, 0
         self._group = None  # this replica's ranks (gloo), for gathering the requests
         self._tp_rank = 0
         self._said_resident = False
@@ -164,9 +171,15 @@ class VLLMEngine:
         path = self._resolve_path(model)
         if self.dtype is None:
             self.dtype = str(_compute_dtype(model)).removeprefix("torch.")
-        if _vllm_on_cpu():
+        on_cpu = _vllm_on_cpu()
+        problems = tp_layout_problems(model.config, self.tp, cpu=on_cpu)
+        if problems:  # every rank raises alike, before any collective
+            raise ValueError(
+                "vLLM cannot split this policy over its TP ranks:\n  - " + "\n  - ".join(problems)
+            )
+        if on_cpu:
             self.check_cpu_settings(model)
-        replica = self._setup_replica()
+        replica = self._setup_replica(on_cpu)
         # In-process engine core: weights are loaded by direct calls on the worker (module docstring).
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning(
@@ -274,7 +287,7 @@ class VLLMEngine:
             )
         return Path(raw)
 
-    def _setup_replica(self) -> int:
+    def _setup_replica(self, on_cpu: bool) -> int:
         """Environment for vLLM's external launcher and the gloo group of this rank's replica."""
         if not _distributed():
             if self.tp > 1:
@@ -293,6 +306,17 @@ class VLLMEngine:
         )
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(ws), LOCAL_RANK=str(local))
         groups = [list(range(s, s + self.tp)) for s in range(0, ws, self.tp)]
+        if on_cpu and self.tp > 1:  # before any rank builds (and creates its segments): decided together
+            found: list = [None] * ws
+            dist.all_gather_object(found, stale_cpu_shm(groups[rank // self.tp]))
+            if taken := sorted({n for names in found for n in names}):
+                raise RuntimeError(
+                    f"rollout.tensor_parallel_size={self.tp}: vLLM-CPU's shared memory for this run's TP "
+                    f"groups already exists ({', '.join(str(SHM_DIR / n) for n in taken)}): another vLLM-CPU "
+                    "run with tensor parallelism on this host holds it, or a killed one left it, and vLLM "
+                    "would fail with 'create shm in SHMManager failed. errno: 17'. Wait for that run to end, "
+                    "or delete the files"
+                )
         self._group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo")  # collective: all ranks
         self._tp_rank = rank % self.tp
         return rank // self.tp
@@ -325,6 +349,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV was computed with the previous weights
         self.synced = True
         self.last_sync_s = time.perf_counter() - start
+        self.last_sync_bytes = weights.bytes  # into this rank's vLLM (perf/weight_sync_bytes)
 
     def release(self) -> None:
         """Free vLLM's memory until the next :meth:`sync_weights` (with ``sleep_level``; CUDA only).
@@ -426,6 +451,45 @@ class VLLMEngine:
         return results
 
 
+def tp_layout_problems(config, tp: int, *, cpu: bool) -> list[str]:
+    """Why vLLM cannot split a model with this HF ``config`` over ``tp`` ranks (empty: it can).
+
+    vLLM shards attention heads and the MLP's columns over the TP ranks, and shards or replicates the KV
+    heads (its Qwen2/Llama layers ``assert`` the divisibility, with no message, after the replica's
+    processes have joined their groups). On CPU, a TP group all-reduces through vLLM's shared-memory
+    communicator, built for at most 8 ranks (``MAX_SHM_RANK_NUM`` in csrc/cpu/shm.cpp; TP 9 raises
+    ``Expected group_size <= 8`` in ``init_shm_manager`` on every rank).
+    """
+    key, problems = f"rollout.tensor_parallel_size={tp}", []
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None)
+    if heads and heads % tp:
+        problems.append(f"{key}: must divide the model's num_attention_heads={heads}")
+    if kv and (kv % tp if kv >= tp else tp % kv):
+        problems.append(f"{key}: must divide the model's num_key_value_heads={kv} or be a multiple of it")
+    if inter and inter % tp:
+        problems.append(f"{key}: must divide the model's intermediate_size={inter}")
+    if cpu and tp > CPU_MAX_TP:
+        problems.append(
+            f"{key}: vLLM-CPU's shared-memory all-reduce takes at most {CPU_MAX_TP} ranks per replica; set "
+            f"rollout.tensor_parallel_size <= {CPU_MAX_TP} (more replicas instead)"
+        )
+    return problems
+
+
+def stale_cpu_shm(ranks: list[int], shm_dir: Path | None = None) -> list[str]:
+    """Names in ``/dev/shm`` that vLLM-CPU's TP group of these global ``ranks`` would create.
+
+    vLLM-CPU names a TP group's all-reduce segments after the group's ranks alone (``-tp:0-[0-1]-cpushm_0``
+    under the external launcher, whose ``env://`` adds nothing run-specific), creates them exclusively
+    when the engine is built and unlinks them only at exit: a segment held by another TP run on the host,
+    or left by a killed one, makes the build fail (errno 17, EEXIST)."""
+    shm_dir = shm_dir or SHM_DIR
+    tag = "-[" + "-".join(map(str, ranks)) + "]-cpushm_"
+    return sorted(n for n in os.listdir(shm_dir) if "tp:" in n and tag in n) if shm_dir.is_dir() else []
+
+
 def exact_sampling_params(
     *,
     max_tokens: int,
@@ -492,7 +556,7 @@ class _Counted:
     """An iterator that counts what it handed out (what vLLM's loader consumed)."""
 
     def __init__(self, it):
-        self.it, self.count = it, 0
+        self.it, self.count, self.bytes = it, 0, 0
 
     def __iter__(self):
         return self
@@ -500,6 +564,7 @@ class _Counted:
     def __next__(self):
         item = next(self.it)
         self.count += 1
+        self.bytes += item[1].numel() * item[1].element_size()  # (name, full tensor in the rollout dtype)
         return item
 
 
