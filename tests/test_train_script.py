@@ -133,7 +133,8 @@ def test_fsdp2_on_two_cpu_processes_trains_and_exports(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
 def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
-    args = [*TINY_RUN, "iterations=50", f"run_dir={tmp_path}"]
+    # a run that cannot end on its own before the signal, however fast or slow the machine is
+    args = [*TINY_RUN, "iterations=100000", f"run_dir={tmp_path}"]
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args, *_hydra_dir(args)],
         cwd=REPO,
