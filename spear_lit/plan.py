@@ -81,8 +81,6 @@ class Setup:
     micro_tokens: int  # positions through the model in the largest micro-batch
     micro_rows: int
     packed: bool
-    reference: bool
-    gradient_checkpointing: bool
     tensor_parallel: int
     gpu_memory_utilization: float | None
     sleep_level: int
@@ -125,8 +123,6 @@ def setup_of(cfg, model_config) -> Setup:
         micro_tokens, micro_rows = max(int(budget), row), max(1, math.ceil(max(int(budget), row) / row))
     else:
         micro_tokens, micro_rows = rows * row, rows
-    terms = get("loss.terms") or {}
-    reference = any("KLTerm" in str((t or {}).get("_target_", "")) for t in terms.values())
     vllm = "vllm" in str(get("rollout._target_", "")).lower()
     return Setup(
         nodes=int(get("trainer.num_nodes", 1)),
@@ -139,8 +135,6 @@ def setup_of(cfg, model_config) -> Setup:
         micro_tokens=micro_tokens,
         micro_rows=micro_rows,
         packed=bool(budget),
-        reference=reference,
-        gradient_checkpointing=bool(get("model.gradient_checkpointing", False)),
         tensor_parallel=int(get("rollout.tensor_parallel_size", 1) or 1) if vllm else 1,
         gpu_memory_utilization=float(get("rollout.gpu_memory_utilization")) if vllm else None,
         sleep_level=int(get("rollout.sleep_level", 1) or 0) if vllm else 0,
@@ -413,8 +407,7 @@ def make_plan(cfg, device_gib: float = 80.0, c: Constants | None = None) -> dict
     g = lambda b: b / GIB  # noqa: E731
     t, o = step["train"], step["old_logp"]
     on_host = (step["params"] + step["grads"] + step["moments"] + step["reference"]) if s.offload else 0.0
-    train_peak = g(t["Total"] - (on_host if s.offload else 0.0))
-    old_peak = g(o["Total"] - (on_host if s.offload else 0.0))
+    train_peak, old_peak = g(t["Total"] - on_host), g(o["Total"] - on_host)
     opt_peak = 0.0 if s.offload else g(step["optimizer_step"])
     tracked = max(train_peak, old_peak, opt_peak)
     overhead = c.cuda_context_gib + c.nccl_gib + c.fragmentation * tracked
